@@ -1,0 +1,69 @@
+"""The `mamba-training` command: one typer app; each command group lives in its own module.
+
+Errors are mapped to exits here and only here: a `MambaTrainingError` becomes one line on
+stderr and its exit code (2 usage, 1 runtime, 75 preempted); never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from mamba_training import __version__
+from mamba_training.cli import checkpoints, costs, fleet, prepare, spot, train
+from mamba_training.errors import EXIT_USAGE, MambaTrainingError
+
+app = typer.Typer(
+    name="mamba-training",
+    help="Train Mamba language models on AWS spot fleets without losing work.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mamba-training {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Train Mamba language models on AWS spot fleets without losing work."""
+
+
+train.register(app)
+prepare.register(app)
+fleet.register(app)
+costs.register(app)
+app.add_typer(checkpoints.app, name="checkpoints")
+app.add_typer(spot.app, name="spot")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="mamba-training", standalone_mode=False)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
+    except click.ClickException as error:
+        error.show()
+        code = error.exit_code
+    except MambaTrainingError as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        typer.echo(f"error: {message}", err=True)
+        code = error.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+__all__ = ["app", "main", "EXIT_USAGE"]
