@@ -1,7 +1,71 @@
-"""`mamba-training train`: the training run."""
+"""`mamba-training train`: parse options, run the trainer with a progress bar, print the outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mamba_training.config import load_config
+from mamba_training.logging_setup import setup_logging
 
 
 def register(app: typer.Typer) -> None:
-    """Add the train command to the top-level app."""
+    app.command("train")(train)
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config (default configs/tiny.yaml)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest committed checkpoint; never."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from a Hugging Face Mamba folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train (or resume) a Mamba language model."""
+    cfg = load_config(config, overrides)
+    setup_logging(cfg.logging.level)
+    import os
+
+    from mamba_training.train.trainer import Trainer
+
+    console = Console(stderr=True)
+    is_main = os.environ.get("RANK", "0") == "0"
+    show_bar = is_main and not quiet and console.is_terminal
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not show_bar,
+    )
+    task = progress.add_task("train", total=cfg.train.max_steps, loss="", speed="")
+
+    def on_progress(p: dict) -> None:
+        fields = {}
+        if p.get("tokens_per_s"):
+            fields = {"loss": f"loss {p['loss']:.3f}", "speed": f"{p['tokens_per_s']:,.0f} tok/s"}
+        progress.update(task, completed=p["step"], **fields)
+
+    trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None, on_progress=on_progress)
+    with progress:
+        result = trainer.run()
+    if not is_main:
+        return
+    out = Console()
+    if result.status == "budget":
+        out.print(f"[yellow]stopped:[/] {result.reason}; checkpoint step {result.step} committed in {result.store}")
+        return
+    out.print(f"[green]done:[/] {result.step} steps, {result.tokens_seen:,} tokens, "
+              f"{result.tokens_per_s:,.0f} tok/s over {result.elapsed_s:.1f}s")
+    if result.val_loss is not None and result.unigram_entropy is not None:
+        out.print(f"validation loss {result.val_loss:.4f} nats/token  vs  unigram entropy "
+                  f"{result.unigram_entropy:.4f} nats/token of the corpus "
+                  f"({result.val_loss / result.unigram_entropy:.0%} of it)")
+    if result.final_dir is not None:
+        out.print(f"final model: {result.final_dir} (transformers.MambaForCausalLM.from_pretrained loads it)")
+    if result.loss_plot is not None:
+        out.print(f"loss curve: {result.loss_plot}")
+    if result.sample:
+        out.print("sample:", style="bold")
+        out.print(result.sample, markup=False, highlight=False)
