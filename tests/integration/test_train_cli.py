@@ -1,0 +1,186 @@
+"""The `train` command end to end: real subprocesses, real files, real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A very small model so each run takes seconds on 2 cores.
+SMALL = [
+    "model.d_model=32", "model.n_layer=2", "train.batch_size=4", "train.seq_len=32",
+    "train.max_steps=20", "train.warmup_steps=2", "train.eval_every=10", "train.eval_batches=2",
+    "train.log_every=5", "train.sample_tokens=16", "train.threads=1", "checkpoint.every_steps=5",
+    "spot.imds_url=off", "logging.cloudwatch=off",
+]
+
+
+def run_cli(args: list[str], tmp: Path, *, timeout: float = 240, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mamba_training", *args], cwd=tmp, capture_output=True, text=True,
+        timeout=timeout, env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def train_args(tmp: Path, store: str, *extra: str) -> list[str]:
+    sets = [*SMALL, f"checkpoint.store={store}", f"data.cache_dir={tmp / 'data-cache'}",
+            f"checkpoint.cache_dir={tmp / 'ckpt-cache'}", *extra]
+    return ["train", "-c", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = []
+    for path in sorted((run / "records").glob("*/metrics.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    return rows
+
+
+def events(run: Path) -> list[dict]:
+    rows = []
+    for path in sorted((run / "records").glob("*/events.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines()]
+    return rows
+
+
+def test_training_writes_a_final_model_transformers_loads(tmp_path: Path) -> None:
+    proc = run_cli(train_args(tmp_path, "run"), tmp_path, check=True)
+    run = tmp_path / "run"
+    assert "validation loss" in proc.stdout and "unigram entropy" in proc.stdout
+    from transformers import MambaForCausalLM
+
+    hf = MambaForCausalLM.from_pretrained(run / "final")
+    ours = final_weights(run)
+    assert torch.equal(hf.backbone.embeddings.weight.detach(), ours["backbone.embeddings.weight"])
+    assert (run / "loss.png").stat().st_size > 1000
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert any("val_loss" in r for r in rows)
+    assert list(run.glob("tensorboard/*/events.out.tfevents.*"))
+    assert [e["kind"] for e in events(run)][-1] == "exit"
+
+
+def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> None:
+    run_cli(train_args(tmp_path, "a"), tmp_path, check=True)
+    run_cli(train_args(tmp_path, "b"), tmp_path, check=True)
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    run_cli(train_args(tmp_path, "straight", "train.max_steps=30"), tmp_path, check=True)
+    args = train_args(tmp_path, "stopped", "train.max_steps=30")
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_training", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = tmp_path / "stopped"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(r["step"] >= 10 for r in metrics(run)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "preempted" in err.splitlines()[-1]
+    exit_event = [e for e in events(run) if e["kind"] == "exit"][-1]
+    assert exit_event["reason"] == "signal:SIGTERM" and exit_event["lost_steps"] == 0
+    run_cli(args, tmp_path, check=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+
+
+def test_resume_never_refuses_a_store_with_checkpoints(tmp_path: Path) -> None:
+    run_cli(train_args(tmp_path, "run", "train.max_steps=5"), tmp_path, check=True)
+    proc = run_cli([*train_args(tmp_path, "run", "train.max_steps=5"), "--resume", "never"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
+    run_cli(train_args(tmp_path, "base", "train.max_steps=30"), tmp_path, check=True)
+    fresh = run_cli(train_args(tmp_path, "fresh", "train.max_steps=5"), tmp_path, check=True)
+    tuned = run_cli([*train_args(tmp_path, "tuned", "train.max_steps=5"), "--init-from",
+                     str(tmp_path / "base" / "final")], tmp_path, check=True)
+    assert fresh.returncode == tuned.returncode == 0
+    assert metrics(tmp_path / "tuned")[0]["loss"] < metrics(tmp_path / "fresh")[0]["loss"] - 0.3
+
+
+@pytest.mark.parametrize(
+    ("extra", "cli_tail", "culprit"),
+    [
+        ([], ["--config", "missing.yaml"], "missing.yaml"),
+        (["data.corpus=/no/such/corpus"], [], "/no/such/corpus"),
+        (["model.d_model=0"], [], "model.d_model"),
+        (["train.bogus=1"], [], "train.bogus"),
+        (["checkpoint.store=ftp://x/y"], [], "ftp://x/y"),
+    ],
+    ids=["missing-config", "missing-corpus", "bad-shape", "unknown-key", "bad-store-url"],
+)
+def test_bad_input_is_one_line_naming_the_culprit_and_exit_2(tmp_path: Path, extra, cli_tail, culprit) -> None:
+    args = train_args(tmp_path, "run", *extra)
+    if cli_tail:
+        args = ["train", *cli_tail]
+    proc = run_cli(args, tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], proc.stderr
+
+
+def test_init_from_a_model_of_another_shape_is_refused(tmp_path: Path) -> None:
+    run_cli(train_args(tmp_path, "base", "train.max_steps=2"), tmp_path, check=True)
+    proc = run_cli([*train_args(tmp_path, "other", "model.d_model=48"), "--init-from",
+                    str(tmp_path / "base" / "final")], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "backbone" in line[0]
+
+
+def test_a_truncated_token_shard_is_refused(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    run_cli(["prepare", str(corpus), str(tmp_path / "prepared")], tmp_path, check=True)
+    shard = sorted((tmp_path / "prepared").rglob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    proc = run_cli(train_args(tmp_path, "run", f"data.corpus={tmp_path / 'prepared'}"), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert shard.name in proc.stderr.strip().splitlines()[-1]
+
+
+def test_torchrun_two_ranks_with_gloo_trains_and_resumes_on_one(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = train_args(tmp_path, "ddp", "train.max_steps=10")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mamba_training", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert (run / "final" / "model.safetensors").exists()
+    assert [e for e in events(run) if e["kind"] == "start"][0]["world_size"] == 2
+    # The same run continues on one process to step 15 (resharded from 2 ranks to 1).
+    run_cli(train_args(tmp_path, "ddp", "train.max_steps=15"), tmp_path, check=True)
+    assert max(r["step"] for r in metrics(run)) == 15
+    assert [e for e in events(run) if e["kind"] == "resume"][-1]["world_size"] == 1
