@@ -1,0 +1,179 @@
+"""The training fleet: its auto scaling group and the project's EC2 instances (status, scale, stop).
+
+Names follow the Terraform stack: the group is `<project>-<env>-training-asg`, and every instance
+carries the tags Project and Environment (propagated from the group). Instances may also carry
+`Run` and `Step` tags; when they do, status shows them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mamba_training.aws.session import aws_errors, check_region, client
+from mamba_training.errors import AwsError, UsageError
+
+LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which deployment a command is about."""
+
+    project: str = "mamba-training"
+    environment: str = "dev"
+    region: str | None = None
+    profile: str | None = None
+
+    @property
+    def asg_name(self) -> str:
+        return f"{self.project}-{self.environment}-training-asg"
+
+    @property
+    def log_group(self) -> str:
+        return f"/aws/ec2/{self.project}-{self.environment}/training"
+
+    def client(self, service: str, **config: Any):
+        return client(service, region=check_region(self.region, self.profile), profile=self.profile, **config)
+
+
+@dataclass
+class InstanceInfo:
+    id: str
+    type: str
+    lifecycle: str  # "spot" or "on-demand"
+    availability_zone: str
+    private_ip: str | None
+    public_ip: str | None
+    state: str
+    launch_time: str
+    uptime_s: float
+    run: str | None = None
+    step: int | None = None
+
+
+@dataclass
+class GroupInfo:
+    name: str
+    desired: int
+    min: int
+    max: int
+    instances: list[InstanceInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _group(target: Target, autoscaling=None) -> dict[str, Any] | None:
+    autoscaling = autoscaling or target.client("autoscaling")
+    with aws_errors(f"describing auto scaling group {target.asg_name}"):
+        groups = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[target.asg_name])
+    found = groups.get("AutoScalingGroups", [])
+    return found[0] if found else None
+
+
+def _require_group(target: Target, autoscaling=None) -> dict[str, Any]:
+    group = _group(target, autoscaling)
+    if group is None:
+        raise AwsError(
+            f"auto scaling group {target.asg_name} not found in {check_region(target.region, target.profile)} "
+            "(check --project/--env/--region, or deploy the stack first)"
+        )
+    return group
+
+
+def _tag(instance: dict[str, Any], key: str) -> str | None:
+    for tag in instance.get("Tags", []):
+        if tag.get("Key") == key:
+            return tag.get("Value")
+    return None
+
+
+def _instance_info(raw: dict[str, Any], now: dt.datetime) -> InstanceInfo:
+    launched = raw.get("LaunchTime") or now
+    step = _tag(raw, "Step")
+    return InstanceInfo(
+        id=raw["InstanceId"],
+        type=raw.get("InstanceType") or "?",
+        lifecycle="spot" if raw.get("InstanceLifecycle") == "spot" else "on-demand",
+        availability_zone=raw.get("Placement", {}).get("AvailabilityZone", "?"),
+        private_ip=raw.get("PrivateIpAddress"),
+        public_ip=raw.get("PublicIpAddress"),
+        state=raw.get("State", {}).get("Name", "?"),
+        launch_time=launched.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        uptime_s=max(0.0, (now - launched).total_seconds()),
+        run=_tag(raw, "Run"),
+        step=int(step) if step and step.isdigit() else None,
+    )
+
+
+def project_instances(target: Target, states: list[str] | None = None, ec2=None) -> list[dict[str, Any]]:
+    """Raw EC2 descriptions of the instances tagged with this project and environment."""
+    ec2 = ec2 or target.client("ec2")
+    filters = [
+        {"Name": "tag:Project", "Values": [target.project]},
+        {"Name": "tag:Environment", "Values": [target.environment]},
+        {"Name": "instance-state-name", "Values": states or LIVE_STATES},
+    ]
+    found: list[dict[str, Any]] = []
+    with aws_errors("describing the project's EC2 instances"):
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                found.extend(reservation.get("Instances", []))
+    return found
+
+
+def status(target: Target, now: dt.datetime | None = None) -> GroupInfo:
+    """The group's capacity settings and every live instance of the project."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    group = _require_group(target)
+    instances = [_instance_info(raw, now) for raw in project_instances(target)]
+    instances.sort(key=lambda i: (i.launch_time, i.id))
+    return GroupInfo(target.asg_name, group["DesiredCapacity"], group["MinSize"], group["MaxSize"], instances)
+
+
+def scale(target: Target, desired: int) -> tuple[int, int]:
+    """Set the group's desired capacity; returns (before, after). Checked against min/max here,
+    because not every endpoint enforces the bounds (moto does not)."""
+    autoscaling = target.client("autoscaling")
+    group = _require_group(target, autoscaling)
+    low, high = group["MinSize"], group["MaxSize"]
+    if not low <= desired <= high:
+        raise UsageError(
+            f"cannot scale {target.asg_name} to {desired}: allowed {low}..{high} "
+            "(change min_size/max_size in terraform.tfvars and redeploy)"
+        )
+    with aws_errors(f"setting desired capacity of {target.asg_name}"):
+        autoscaling.set_desired_capacity(AutoScalingGroupName=target.asg_name, DesiredCapacity=desired,
+                                         HonorCooldown=False)
+    return group["DesiredCapacity"], desired
+
+
+@dataclass
+class StopResult:
+    group: str
+    group_found: bool
+    desired_before: int | None
+    terminated: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stop(target: Target) -> StopResult:
+    """Emergency stop: min and desired to 0 (so nothing is replaced), then terminate every live
+    instance tagged with the project and environment, in or out of the group."""
+    autoscaling = target.client("autoscaling")
+    group = _group(target, autoscaling)
+    if group is not None:
+        with aws_errors(f"scaling {target.asg_name} to 0"):
+            autoscaling.update_auto_scaling_group(AutoScalingGroupName=target.asg_name, MinSize=0,
+                                                  DesiredCapacity=0)
+    ec2 = target.client("ec2")
+    ids = [raw["InstanceId"] for raw in project_instances(target, ["pending", "running", "stopping", "stopped"], ec2)]
+    if ids:
+        with aws_errors(f"terminating instances {', '.join(ids)}"):
+            for start in range(0, len(ids), 500):  # TerminateInstances takes at most 1000 ids
+                ec2.terminate_instances(InstanceIds=ids[start:start + 500])
+    return StopResult(target.asg_name, group is not None, group["DesiredCapacity"] if group else None, ids)
