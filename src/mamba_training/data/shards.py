@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,19 +246,22 @@ def _with_final_newline(pieces):
 
 
 def _clear_output(out: Path) -> None:
-    """Make `out` an empty folder; a folder that already holds a prepared corpus is replaced."""
+    """Make `out` an empty folder; the files of an earlier (or interrupted) preparation are removed."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    entries = [p for p in out.iterdir()]
-    if not entries:
-        return
-    if not (out / META).exists():
-        raise DataError(f"output folder {out} is not empty and holds no prepared corpus; choose another")
-    (out / META).unlink()  # first, so a crash below leaves no folder that claims to be complete
+    entries = list(out.iterdir())
+    foreign = [p.name for p in entries if not _is_ours(p.name)]
+    if foreign:
+        raise DataError(f"output folder {out} holds other files ({', '.join(sorted(foreign)[:3])}); choose another")
+    if (out / META).exists():
+        (out / META).unlink()  # first, so a crash below leaves no folder that claims to be complete
     for path in entries:
-        if path.name != META and path.suffix == ".bin" and path.name.startswith(SPLITS):
-            path.unlink()
+        path.unlink(missing_ok=True)
+
+
+def _is_ours(name: str) -> bool:
+    return name in (META, META + ".tmp") or bool(re.fullmatch(r"(train|val)_\d{4,}\.bin", name))
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
