@@ -15,6 +15,11 @@ from mamba_training import __version__
 from mamba_training.cli import checkpoints, costs, fleet, prepare, spot, train
 from mamba_training.errors import EXIT_USAGE, MambaTrainingError
 
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # older typer uses click itself
+    _TyperClickException = click.ClickException
+
 app = typer.Typer(
     name="mamba-training",
     help="Train Mamba language models on AWS spot fleets without losing work.",
@@ -50,10 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="mamba-training", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         typer.echo("aborted", err=True)
         code = 1
-    except click.ClickException as error:
+    except (click.ClickException, _TyperClickException) as error:  # typer >= 0.29 vendors its own click
         error.show()
         code = error.exit_code
     except MambaTrainingError as error:
