@@ -10,6 +10,7 @@ from a bundled Spot-Advisor-like bucket per type (`interruption_buckets.csv`).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import statistics
 from dataclasses import asdict, dataclass
@@ -95,17 +96,18 @@ def expected_usd_per_million(usd_per_hour: float, tokens_per_s: float, interrupt
     return usd_per_hour / (tokens_per_s * 3600 / 1e6) * (1 + restart_overhead * interruption_rate)
 
 
-def _median_spot(quotes: list[SpotQuote]) -> dict[str, float]:
+def _median_spot(quotes: list[SpotQuote], now: dt.datetime | None = None) -> dict[str, float]:
     by_type: dict[str, list[float]] = {}
     for quote in quotes:
-        if not quote.stale():
+        if not quote.stale(now):
             by_type.setdefault(quote.instance_type, []).append(quote.usd_per_hour)
     return {t: statistics.median(prices) for t, prices in by_type.items()}
 
 
 def advise(instance_types: list[str] | None = None, region: str | None = None, profile: str | None = None,
            throughput_file: str | Path | None = None, restart_overhead: float = DEFAULT_RESTART_OVERHEAD,
-           offline: bool = False, quotes: list[SpotQuote] | None = None) -> tuple[list[Advice], list[str]]:
+           offline: bool = False, quotes: list[SpotQuote] | None = None,
+           now: dt.datetime | None = None) -> tuple[list[Advice], list[str]]:
     """Ranked advice (cheapest per token first; types without a throughput or price last) and notes."""
     if restart_overhead < 0:
         raise UsageError("--restart-overhead must be >= 0")
@@ -117,7 +119,7 @@ def advise(instance_types: list[str] | None = None, region: str | None = None, p
             quotes = latest_quotes(spot_history(types, region, profile))
         except AwsError as error:
             notes.append(f"spot prices unavailable ({error})")
-    spot = _median_spot(quotes or [])
+    spot = _median_spot(quotes or [], now)
     table = PriceTable.load()
     buckets = load_buckets()
     advice = []
