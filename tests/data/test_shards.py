@@ -109,12 +109,16 @@ def test_missing_corpus_path_is_a_data_error_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_folder_without_text_and_invalid_utf8_are_data_errors(tmp_path: Path) -> None:
+def test_folder_without_text_tiny_corpus_and_invalid_utf8_are_data_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blob.bin").write_bytes(b"\0\1\2" * 100)
     with pytest.raises(DataError, match=re.escape(str(empty)) + " holds no text files"):
         prepare_corpus([empty], tmp_path / "out")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("tiny")
+    with pytest.raises(DataError, match=re.escape(str(tiny)) + " is too small to split: 5 tokens"):
+        prepare_corpus([tiny], tmp_path / "out")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(ENGLISH.encode() * 10 + "café".encode("latin-1"))
     with pytest.raises(DataError, match=re.escape(str(latin1)) + " is not valid UTF-8"):

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mamba_training.data.sources import find_text_files, read_text_pieces
-from mamba_training.data.tokenizer import load_tokenizer
+from mamba_training.data.tokenizer import Tokenizer, load_tokenizer
 from mamba_training.errors import DataError
 
 FORMAT_VERSION = 1
@@ -100,17 +100,12 @@ def prepare_corpus(
 
     writers = {s: _SplitWriter(out, s, np_dtype, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
     router = _SplitRouter(block, val_fraction)
-    done = 0
-    for path, size in zip(files, sizes):
-        for piece in _with_final_newline(read_text_pieces(path)):
-            ids = tokenizer.encode_array(piece)
-            is_val = router.route(len(ids))
-            writers["train"].write(ids[~is_val])
-            writers["val"].write(ids[is_val])
-        done += size
-        if progress is not None:
-            progress(done, total)
-
+    try:
+        _tokenize_into(files, sizes, tokenizer, writers, router, progress)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     splits = {s: w.close() for s, w in writers.items()}
     if splits["train"].tokens == 0 or (val_fraction > 0 and splits["val"].tokens == 0):
         raise DataError(f"corpus {', '.join(map(str, sources))} is too small to split: {router.position} tokens")
@@ -121,6 +116,26 @@ def prepare_corpus(
     )
     _write_json_atomic(out / META, info.to_json())
     return info
+
+
+def _tokenize_into(
+    files: list[Path], sizes: list[int], tokenizer: Tokenizer, writers: dict[str, _SplitWriter],
+    router: _SplitRouter, progress: Callable[[int, int], None] | None,
+) -> None:
+    done, total = 0, sum(sizes)
+    for path, size in zip(files, sizes):
+        read = 0
+        for piece, n_bytes in _with_final_newline(read_text_pieces(path)):
+            ids = tokenizer.encode_array(piece)
+            is_val = router.route(len(ids))
+            writers["train"].write(ids[~is_val])
+            writers["val"].write(ids[is_val])
+            read += n_bytes
+            if progress is not None:  # gzip pieces count uncompressed bytes: cap at the file's size
+                progress(done + min(read, size), total)
+        done += size
+        if progress is not None:
+            progress(done, total)
 
 
 def read_meta(prepared_dir: str | Path) -> PreparedInfo:
@@ -196,6 +211,11 @@ class _SplitWriter:
             if self._tokens == self.shard_tokens:
                 self._finish_shard()
 
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def close(self) -> SplitInfo:
         if self._file is not None:
             self._finish_shard()
@@ -235,14 +255,14 @@ def _choose_dtype(dtype: str, vocab_size: int) -> np.dtype:
     return DTYPES[dtype]
 
 
-def _with_final_newline(pieces):
+def _with_final_newline(pieces: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int]]:
     """Yield the pieces, making sure the document ends with a newline so files don't run together."""
     last = None
-    for piece in pieces:
+    for piece, n_bytes in pieces:
         last = piece
-        yield piece
+        yield piece, n_bytes
     if last is not None and not last.endswith("\n"):
-        yield "\n"
+        yield "\n", 0
 
 
 def _clear_output(out: Path) -> None:

@@ -41,8 +41,8 @@ def find_text_files(sources: list[str | Path], exclude: Path | None = None) -> l
     return files
 
 
-def read_text_pieces(path: Path) -> Iterator[str]:
-    """The text of `path` in pieces of about 16 MiB that each end after a newline."""
+def read_text_pieces(path: Path) -> Iterator[tuple[str, int]]:
+    """The text of `path` in pieces of about 16 MiB that each end after a newline, with their size in bytes."""
     try:
         with _open(path) as stream:
             offset, carry = 0, b""
@@ -55,11 +55,11 @@ def read_text_pieces(path: Path) -> Iterator[str]:
                 if cut == 0:  # no newline yet: keep reading, a line cannot be split safely
                     carry = data
                     continue
-                yield _decode(data[:cut], path, offset)
+                yield _decode(data[:cut], path, offset), cut
                 offset += cut
                 carry = data[cut:]
             if carry:
-                yield _decode(carry, path, offset)
+                yield _decode(carry, path, offset), len(carry)
     except (OSError, EOFError, gzip.BadGzipFile) as error:
         raise DataError(f"corpus file {path} cannot be read: {error}") from None
 
