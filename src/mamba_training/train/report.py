@@ -109,11 +109,9 @@ def _hours(series: list[dict[str, Any]], origin: dt.datetime) -> list[float]:
 
 
 def _cost_points(records: RunRecords) -> list[tuple[dt.datetime, float]]:
-    """Cumulative cost over time: from the metrics when they carry cost_usd, else from ledgers."""
-    points = [(_time(m.get("time")), float(m["cost_usd"])) for m in records.metrics
-              if isinstance(m.get("cost_usd"), (int, float)) and _time(m.get("time"))]
-    if points:
-        return points
+    """Cumulative cost over time: each ledger adds its cost linearly over its lifetime (a constant
+    price per process, the common case); without ledgers, the cost_usd the metrics carry."""
+    points: list[tuple[dt.datetime, float]] = []
     total = 0.0
     for ledger in sorted(records.ledgers, key=lambda l: l.get("started", "")):
         start, end = _time(ledger.get("started")), _time(ledger.get("updated"))
@@ -121,7 +119,19 @@ def _cost_points(records: RunRecords) -> list[tuple[dt.datetime, float]]:
             points.append((start, total))
             total += float(ledger.get("cost_usd", 0.0))
             points.append((end, total))
-    return points
+    if points:
+        return points
+    return [(_time(m.get("time")), float(m["cost_usd"])) for m in records.metrics
+            if isinstance(m.get("cost_usd"), (int, float)) and _time(m.get("time"))]
+
+
+def _by_segment(rows: list[dict[str, Any]], key: str) -> list[list[dict[str, Any]]]:
+    """Rows that carry `key`, split per segment so no line is drawn across a restart gap."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if isinstance(row.get(key), (int, float)) and _time(row.get("time")):
+            groups.setdefault(str(row.get("segment", "")), []).append(row)
+    return list(groups.values())
 
 
 def plot(records: RunRecords, out: str | Path) -> Path:
@@ -133,21 +143,20 @@ def plot(records: RunRecords, out: str | Path) -> Path:
 
     stamps = [t for t in (_time(r.get("time")) for r in records.metrics + records.events) if t]
     origin = min(stamps) if stamps else dt.datetime.now(dt.timezone.utc)
-    timed = [m for m in records.metrics if _time(m.get("time"))]
     fig, (ax_loss, ax_speed, ax_cost) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     fig.suptitle(f"mamba-training run {records.url}")
-    with_loss = [m for m in timed if isinstance(m.get("loss"), (int, float))]
-    ax_loss.plot(_hours(with_loss, origin), [m["loss"] for m in with_loss], label="loss")
-    with_val = [m for m in timed if isinstance(m.get("val_loss"), (int, float))]
-    if with_val:
-        ax_loss.plot(_hours(with_val, origin), [m["val_loss"] for m in with_val], "o-", label="val loss")
+    for i, rows in enumerate(_by_segment(records.metrics, "loss")):
+        ax_loss.plot(_hours(rows, origin), [m["loss"] for m in rows], color="tab:blue",
+                     label="loss" if i == 0 else None)
+    for i, rows in enumerate(_by_segment(records.metrics, "val_loss")):
+        ax_loss.plot(_hours(rows, origin), [m["val_loss"] for m in rows], "o-", color="tab:purple",
+                     label="val loss" if i == 0 else None)
     ax_loss.set_ylabel("loss")
-    with_speed = [m for m in timed if isinstance(m.get("tokens_per_s"), (int, float))]
-    ax_speed.plot(_hours(with_speed, origin), [m["tokens_per_s"] for m in with_speed], color="tab:green")
+    for rows in _by_segment(records.metrics, "tokens_per_s"):
+        ax_speed.plot(_hours(rows, origin), [m["tokens_per_s"] for m in rows], color="tab:green")
     ax_speed.set_ylabel("tokens / s")
     cost = _cost_points(records)
-    ax_cost.step([(t - origin).total_seconds() / 3600 for t, _ in cost], [c for _, c in cost], where="post",
-                 color="tab:red")
+    ax_cost.plot([(t - origin).total_seconds() / 3600 for t, _ in cost], [c for _, c in cost], color="tab:red")
     ax_cost.set_ylabel("cumulative cost (USD)")
     ax_cost.set_xlabel("hours since the run started")
     for i, event in enumerate(interruptions(records)):
