@@ -36,6 +36,20 @@ def test_status_shows_group_capacity_and_each_instance(aws, capsys):
     assert 0 <= mine["uptime_s"] < 600
 
 
+def test_status_with_a_store_shows_run_and_step_from_the_records(aws, capsys, tmp_path):
+    make_fleet(desired=1)
+    (instance,) = [i for r in client("ec2").describe_instances()["Reservations"] for i in r["Instances"]]
+    host = "ip-" + instance["PrivateIpAddress"].replace(".", "-")
+    for segment, step in ((f"20261128T100000Z-{host}-41", 120), (f"20261128T090000Z-ip-10-9-9-9-7", 80)):
+        folder = tmp_path / "runs" / "tiny" / "records" / segment
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"time": "2026-11-28T10:05:00Z", "step": step}) + "\n")
+    code, out, _ = cli(capsys, "status", "--store", str(tmp_path / "runs" / "tiny"), "--json")
+    assert code == 0
+    (shown,) = json.loads(out)["instances"]
+    assert (shown["id"], shown["run"], shown["step"]) == (instance["InstanceId"], "tiny", 120)
+
+
 def test_scale_changes_desired_capacity(aws, capsys):
     make_fleet(desired=1)
     code, out, _ = cli(capsys, "scale", "3")

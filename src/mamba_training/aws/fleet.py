@@ -124,11 +124,29 @@ def project_instances(target: Target, states: list[str] | None = None, ec2=None)
     return found
 
 
-def status(target: Target, now: dt.datetime | None = None) -> GroupInfo:
-    """The group's capacity settings and every live instance of the project."""
+def _fill_progress(info: InstanceInfo, progress: dict[str, dict[str, Any]]) -> None:
+    """Run and step from a run's records, keyed by the host name the trainer saw: EC2's
+    `ip-10-0-1-5` (IP-based names) or the instance id (resource-based names)."""
+    hosts = [info.id] + ([f"ip-{info.private_ip.replace('.', '-')}"] if info.private_ip else [])
+    for host in hosts:
+        if host in progress:
+            info.run = info.run or progress[host].get("run")
+            info.step = info.step if info.step is not None else progress[host].get("step")
+            return
+
+
+def status(target: Target, now: dt.datetime | None = None,
+           progress: dict[str, dict[str, Any]] | None = None) -> GroupInfo:
+    """The group's capacity settings and every live instance of the project.
+
+    `progress` (host name -> {"run", "step"}, from a run's records) fills run and step where
+    the instance has no Run/Step tags.
+    """
     now = now or dt.datetime.now(dt.timezone.utc)
     group = _require_group(target)
     instances = [_instance_info(raw, now) for raw in project_instances(target)]
+    for info in instances:
+        _fill_progress(info, progress or {})
     instances.sort(key=lambda i: (i.launch_time, i.id))
     return GroupInfo(target.asg_name, group["DesiredCapacity"], group["MinSize"], group["MaxSize"], instances)
 

@@ -60,7 +60,8 @@ def client(service: str, region: str | None = None, profile: str | None = None, 
     return session.client(service, region_name=resolve_region(region, profile), config=Config(**settings))
 
 
-def known_regions() -> set[str]:
+@lru_cache(maxsize=1)
+def known_regions() -> frozenset[str]:
     """Every region botocore knows in any partition (aws, aws-cn, aws-us-gov, ...)."""
     import botocore.session
 
@@ -68,7 +69,7 @@ def known_regions() -> set[str]:
     regions: set[str] = set()
     for partition in session.get_available_partitions():
         regions.update(session.get_available_regions("ec2", partition_name=partition))
-    return regions
+    return frozenset(regions)
 
 
 def check_region(region: str | None = None, profile: str | None = None) -> str:

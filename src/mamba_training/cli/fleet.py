@@ -71,13 +71,20 @@ def money(value: float | None, digits: int = 4) -> str:
 
 
 def status(
+    store: Optional[str] = typer.Option(None, "--store", help="A run's store: show which instance runs it, "
+                                        "at which step (from its records)."),
     region: Optional[str] = RegionOpt, profile: Optional[str] = ProfileOpt, env: str = EnvOpt,
     project: str = ProjectOpt, as_json: bool = JsonOpt,
 ) -> None:
     """The auto scaling group's capacity and the project's instances."""
     from mamba_training.aws import fleet
 
-    info = fleet.status(target(project, env, region, profile))
+    progress = None
+    if store:
+        from mamba_training.train import report
+
+        progress = report.progress_by_host(report.load(store))
+    info = fleet.status(target(project, env, region, profile), progress=progress)
     if as_json:
         print_json(info.to_dict())
         return

@@ -63,6 +63,23 @@ def interruptions(records: RunRecords) -> list[dict[str, Any]]:
     return rows
 
 
+def segment_host(segment: str) -> str:
+    """`20261128T100000Z-ip-10-0-1-5-4242` -> `ip-10-0-1-5` (segment ids are <time>-<host>-<pid>)."""
+    parts = segment.split("-")
+    return "-".join(parts[1:-1]) if len(parts) >= 3 else ""
+
+
+def progress_by_host(records: RunRecords) -> dict[str, dict[str, Any]]:
+    """host name -> {"run", "segment", "step"} of the newest segment each host ran."""
+    run = records.url.rstrip("/").rsplit("/", 1)[-1]
+    hosts: dict[str, dict[str, Any]] = {}
+    for segment in sorted(records.segments):  # ids start with a UTC time: sorted = chronological
+        steps = [int(m.get("step", 0)) for m in records.metrics if m.get("segment") == segment]
+        steps += [int(e.get("step") or 0) for e in records.events if e.get("segment") == segment]
+        hosts[segment_host(segment)] = {"run": run, "segment": segment, "step": max(steps, default=None)}
+    return hosts
+
+
 def _time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
