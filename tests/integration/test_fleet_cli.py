@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -125,7 +125,7 @@ def test_logs_since_and_filter(aws, capsys):
 def test_logs_follow_shows_new_events_once_and_stops_when_bounded(aws):
     _log_events([(60, "before follow")])
     proc = subprocess.Popen([sys.executable, "-m", "mamba_training", "logs", "--follow", "--since", "5m",
-                             "--poll-seconds", "0.2", "--follow-for", "4"],
+                             "--poll-seconds", "0.2", "--follow-for", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
     first = proc.stdout.readline()
     assert "before follow" in first
@@ -133,6 +133,16 @@ def test_logs_follow_shows_new_events_once_and_stops_when_bounded(aws):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.count("arrived while following") == 1 and out.count("before follow") == 0
+
+
+def test_logs_follow_stops_cleanly_on_ctrl_c(aws):
+    _log_events([(60, "first")])
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_training", "logs", "--follow", "--poll-seconds", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+    assert "first" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 def test_logs_missing_group_is_a_one_line_error(aws, capsys):
