@@ -190,6 +190,13 @@ def test_unknown_region_is_a_usage_error(aws, capsys):
     assert_one_line_error(err, "us-east-9")
 
 
+def test_unknown_profile_is_a_usage_error(aws, capsys):
+    make_fleet()
+    code, _, err = cli(capsys, "status", "--profile", "no-such-profile")
+    assert code == 2
+    assert_one_line_error(err, "AWS profile 'no-such-profile' not found")
+
+
 def test_access_denied_is_a_one_line_runtime_error(monkeypatch, capsys):
     with denying_endpoint() as url:
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
