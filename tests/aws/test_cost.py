@@ -37,7 +37,7 @@ def test_bundled_table_has_the_seed_rows_and_the_newer_families_with_a_date():
 def test_user_price_file_overrides_rows_and_may_price_local(monkeypatch, tmp_path):
     prices = tmp_path / "prices.csv"
     prices.write_text("# my negotiated prices\ninstance_type,region,lifecycle,usd_per_hour\n"
-                      "g5.xlarge,eu-west-1,on-demand,1.123\nlocal,*,*,0.05\n")
+                      "g5.xlarge,eu-west-1,on-demand,1.123\nlocal,*,on-demand,0.05\n")
     monkeypatch.setenv("MAMBA_TRAINING_PRICE_FILE", str(prices))
     table = PriceTable.load()
     assert table.on_demand("g5.xlarge", "eu-west-1").usd_per_hour == 1.123

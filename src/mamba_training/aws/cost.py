@@ -41,6 +41,8 @@ def price_in_force(instance_type: str, availability_zone: str, lifecycle: str, r
     """
     table = PriceTable.load()
     user = table.user_price(instance_type, region, lifecycle)
+    if user is None and instance_type == "local":  # a local machine has one price, whatever it is called
+        user = table.user_price(instance_type, region, "on-demand")
     on_demand_row = table.on_demand(instance_type, region)
     if instance_type == "local" and user is None:
         return 0.0, 0.0, "local run (no price for 'local' in a price file)"
