@@ -158,7 +158,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if not self.dist.is_main:
             distributed.barrier(self.dist)  # rank 0 prepares the corpus once
-        prepared = resolve_corpus(cfg.data.corpus, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.cache_dir)
+        prepared = resolve_corpus(cfg.data.corpus, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.cache_dir,
+                                  dtype=cfg.data.shard_dtype)
         if self.dist.is_main:
             distributed.barrier(self.dist)
         self.train_data = TokenDataset(prepared, "train")
