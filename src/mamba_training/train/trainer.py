@@ -381,6 +381,8 @@ class Trainer:
                 signal.signal(signum, handler)
             if getattr(self, "watcher", None) is not None:
                 self.watcher.stop()
+            if getattr(self, "ledger", None) is not None:
+                self.ledger.close(self.state.tokens_seen)
             self.checkpoints.close()
             if getattr(self, "sinks", None) is not None:
                 self.sinks.close()
@@ -424,7 +426,8 @@ class Trainer:
             price, on_demand, source = 0.0, 0.0, "unknown"
         log.info("cost ledger: %s %s %s at $%.4f/h (%s)", itype, az, lifecycle, price, source)
         self._prior_cost = self._previous_segments_cost()
-        return Ledger.start(self.records.dir / LEDGER, itype, az, lifecycle, region, price, on_demand)
+        return Ledger.start(self.records.dir / LEDGER, itype, az, lifecycle, region, price, on_demand,
+                            tokens_at_start=self.state.tokens_seen)
 
     def _previous_segments_cost(self) -> float:
         try:
