@@ -27,7 +27,7 @@ def _is_loopback(address: object) -> bool:
 
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every spot test fails if anything tries to connect beyond loopback (169.254.169.254 above all).
+    """Every spot test fails if anything tries to connect beyond loopback (the EC2 metadata address above all).
 
     Yields the list of refused addresses, so a test can also assert nothing was attempted.
     """
