@@ -167,10 +167,11 @@ class Watcher:
             log.info("spot watcher polling %s every %.3g s", self.url, self.poll_seconds)
         return self
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        """End polling; waits at most `timeout` s for a request in flight (the thread is a daemon)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout if timeout is not None else self.client.timeout * 4 + 1)
+            self._thread.join(timeout)
 
     def poll(self) -> list[SpotEvent]:
         """Every event seen since the last call, oldest first; never blocks."""
