@@ -19,7 +19,9 @@ from torch import nn
 
 from mamba_training.errors import ModelError
 from mamba_training.model.configuration import MambaConfig
-from mamba_training.model.scan import get_scan
+from mamba_training.model.fused import fused_mixer
+from mamba_training.model.scan import SCANS, resolve_scan_name
+from mamba_training.model.scan.chunked import DEFAULT_CHUNK
 
 
 class MambaRMSNorm(nn.Module):
@@ -30,7 +32,7 @@ class MambaRMSNorm(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         dtype = hidden.dtype
-        hidden = hidden.float()
+        hidden = _wide(hidden)
         hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * hidden.to(dtype)
 
@@ -49,6 +51,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=False)
+        self.chunk = DEFAULT_CHUNK  # time steps per chunk of the fused path (a speed knob, not a weight)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -69,14 +72,18 @@ class MambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        length = hidden.shape[1]
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        x = F.silu(_causal_conv(x, self.conv1d.weight, self.conv1d.bias, length))
+        xz = self.in_proj(hidden)
+        A = -torch.exp(_wide(self.A_log))
+        scan_name = resolve_scan_name(self.cfg.scan, hidden.device)
+        if scan_name == "chunked":  # the same computation, fused into one autograd node (fused.py)
+            conv, dt_proj = self.conv1d, self.dt_proj
+            return fused_mixer(xz, conv.weight, conv.bias, self.x_proj.weight, dt_proj.weight, dt_proj.bias,
+                               A, self.D, self.out_proj.weight, chunk=self.chunk)
+        x, z = xz.chunk(2, dim=-1)
+        x = F.silu(_causal_conv(x, self.conv1d.weight, self.conv1d.bias, hidden.shape[1]))
         dt_low, B, C = self.x_proj(x).split([self.cfg.resolved_dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
-        A = -torch.exp(self.A_log.float())
-        scan = get_scan(self.cfg.scan, hidden.device)
-        y = scan(x, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float())
+        y = SCANS[scan_name](x, delta, A, B, C, _wide(self.D), z, _wide(self.dt_proj.bias))
         return self.out_proj(y.to(hidden.dtype))
 
     def step(self, hidden: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -88,11 +95,16 @@ class MambaMixer(nn.Module):
         x = F.silu((window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias)
         dt_low, B, C = self.x_proj(x).split([self.cfg.resolved_dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low))
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(_wide(self.A_log))
         ssm = state["ssm"]  # (batch, d_inner, d_state)
         ssm.mul_(torch.exp(dt[:, :, None] * A)).add_((dt * x)[:, :, None] * B[:, None, :])
         y = (ssm @ C[:, :, None]).squeeze(-1) + self.D * x
         return self.out_proj(y * F.silu(z))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors, unchanged otherwise (HF's `.float()`, but float64-safe)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int) -> torch.Tensor:
@@ -116,7 +128,7 @@ class MambaBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The residual stream stays float32 (HF residual_in_fp32) even under autocast.
-        return hidden.float() + self.mixer(self.norm(hidden))
+        return _wide(hidden) + self.mixer(self.norm(hidden))
 
 
 class MambaBackbone(nn.Module):
@@ -156,7 +168,7 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return _wide(self.lm_head(hidden.to(self.lm_head.weight.dtype)))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
@@ -177,9 +189,9 @@ class MambaLM(nn.Module):
         """Logits (batch, padded_vocab) for one token per row, given and updating `states`."""
         hidden = self.backbone.embeddings(tokens)
         for layer, state in zip(self.backbone.layers, states):
-            hidden = hidden.float() + layer.mixer.step(layer.norm(hidden), state)
+            hidden = _wide(hidden) + layer.mixer.step(layer.norm(hidden), state)
         hidden = self.backbone.norm_f(hidden)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return _wide(self.lm_head(hidden.to(self.lm_head.weight.dtype)))
 
     @torch.no_grad()
     def generate(

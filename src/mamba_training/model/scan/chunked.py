@@ -12,16 +12,19 @@ per time step, and the backward is written by hand:
               dB_t = sum_d g_t dt_t x_t,  dC_t = sum_d gy_t h_t,  dx_t = dt_t (g_t . B_t) + D gy_t
 
 Memory layout, measured on a 2-core CPU:
-- Every step of the work happens chunk by chunk (`chunk` time steps), including the cheap
-  per-token parts (softplus, gating). Large fresh allocations cost more than the arithmetic
-  (glibc hands them out as new pages, each faulted in), so only the outputs are full-length.
-- Work tensors are (time, batch, d_state, d_inner): each step's slice is contiguous, and
-  with d_inner innermost the contractions over d_state are well-shaped matmuls (5-8x faster
-  than with d_state innermost).
+- All work happens chunk by chunk (`chunk` time steps), the cheap per-token parts included.
+  Large fresh allocations cost more than the arithmetic here (glibc hands them out as new
+  pages, each one faulted in), so only inputs and outputs are full-length; the work buffers
+  are allocated once per call and stay cache-sized.
+- Work tensors are (time, batch, d_state, d_inner): each step's slice is contiguous, and with
+  d_inner innermost the contractions over d_state are well-shaped matmuls (5-8x faster than
+  with d_state innermost).
+- exp(v) is computed as exp2(v * log2 e): torch's exp2 is ~1.7x faster than its exp here.
 The forward keeps only the state at each chunk start; the backward recomputes each chunk's
-states (and the ungated output) from it, as mamba_ssm's CUDA kernel does. Every exponent is
-dt * A <= 0, so nothing overflows, and the recurrence is the reference's: results match it to
-rounding.
+states from it, as mamba_ssm's CUDA kernel does. Every exponent is dt * A <= 0, so nothing
+overflows, and the recurrence is the reference's: results match it to rounding.
+
+`ScanChunks` is the chunk-level engine; `fused.py` drives it inside the fused mixer.
 """
 
 from __future__ import annotations
@@ -32,28 +35,103 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK = 16
-LOG2E = 1.0 / math.log(2.0)  # exp(v) = exp2(v * log2 e): torch's exp2 is ~1.7x faster than exp here
+LOG2E = 1.0 / math.log(2.0)
+
+
+class ScanChunks:
+    """Buffers and recurrences for one scan over chunks; forward in time, backward in reverse.
+
+    Inputs per chunk are batch-first (batch, T, ...) tensors: dt = softplus(delta + bias),
+    dtx = dt * x, B and C (batch, T, d_state). `A` is (d_inner, d_state).
+    """
+
+    def __init__(self, A: torch.Tensor, bsz: int, length: int, chunk: int):
+        d_inner, d_state = A.shape
+        self.At = A.t().contiguous()  # (d_state, d_inner)
+        self.At2 = self.At * LOG2E
+        self.bounds = [(s, min(length, s + chunk)) for s in range(0, length, chunk)]
+        width = min(chunk, length)
+        self.a = A.new_empty(width, bsz, d_state, d_inner)
+        self.h = A.new_empty(width + 1, bsz, d_state, d_inner)
+        self.g = torch.empty_like(self.a)
+        self.tmp = torch.empty_like(self.a)
+        self.carry_buf = A.new_empty(bsz, d_state, d_inner)
+        self.gA = torch.zeros_like(self.At)
+        self.carry: torch.Tensor | None = None  # a_e * g_e: sent back into the previous chunk's last step
+
+    def new_state(self) -> torch.Tensor:
+        return self.h.new_zeros(self.h.shape[1:])
+
+    def forward_chunk(self, dt, dtx, B, C, start):
+        """(C . h_t for the chunk (batch, T, d_inner), the state after its last step)."""
+        hs = self._states(dt, dtx, B, start)[1:]
+        return _contract_state(C, hs), hs[-1].clone()
+
+    def recompute(self, dt, dtx, B, C, start):
+        """Redo a chunk's forward for its backward: (C . h_t (batch, T, d_inner), states)."""
+        hb = self._states(dt, dtx, B, start)
+        return _contract_state(C, hb[1:]), hb
+
+    def backward_chunk(self, hb, dt, dtx, x, B, C, gy):
+        """Gradients for one chunk, walking chunks last to first, right after `recompute`.
+
+        gy is d loss / d (C . h). Returns (d x, d dt, d B, d C) for the chunk and accumulates
+        d A in `self.gA`.
+        """
+        n = dt.shape[1]
+        a = self.a[:n]
+        gy_tm = gy.transpose(0, 1)
+        g = torch.mul(gy_tm[:, :, None, :], C.transpose(0, 1)[:, :, :, None], out=self.g[:n])
+        if self.carry is not None:
+            g[-1].add_(self.carry)
+        for i in range(n - 2, -1, -1):
+            g[i].addcmul_(a[i + 1], g[i + 1])
+        self.carry = torch.mul(a[0], g[0], out=self.carry_buf)
+        tmp = self.tmp[:n]  # every product below lands in this buffer: no fresh chunk-sized tensors
+        gC = torch.mul(hb[1:], gy_tm[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
+        gB = torch.mul(g, dtx.transpose(0, 1)[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
+        q = _contract_state(B, g)  # (batch, T, d_inner): g_t . B_t
+        w = g.mul_(a).mul_(hb[:-1])  # gradient through a_t, times a_t
+        self.gA += torch.mul(w, dt.transpose(0, 1)[:, :, None, :], out=tmp).sum((0, 1))
+        g_dt = torch.mul(w, self.At, out=tmp).sum(2).transpose(0, 1).addcmul_(x, q)
+        return dt * q, g_dt, gB, gC
+
+    def grad_A(self) -> torch.Tensor:
+        return self.gA.t()
+
+    def _states(self, dt, dtx, B, start):
+        """(h_{start}, h_1, ..., h_T) for the chunk, time-major, in the reusable buffer."""
+        n = dt.shape[1]
+        a = torch.mul(dt.transpose(0, 1)[:, :, None, :], self.At2, out=self.a[:n])
+        torch.exp2(a, out=a)
+        hb = self.h[: n + 1]
+        torch.mul(dtx.transpose(0, 1)[:, :, None, :], B.transpose(0, 1)[:, :, :, None], out=hb[1:])
+        hb[0] = start
+        prev = hb[0]
+        for a_t, h_t in zip(a, hb[1:]):
+            prev = h_t.addcmul_(a_t, prev)
+        return hb
+
+
+def _contract_state(C: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    """sum_n C[b,t,n] hs[t,b,n,d] -> (batch, T, d_inner)."""
+    return torch.matmul(C.transpose(0, 1)[:, :, None, :], hs).squeeze(2).transpose(0, 1)
 
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D, z, delta_bias, chunk: int):  # type: ignore[override]
-        bsz, length, d_inner = x.shape
-        At = A.t().contiguous()
-        work = _Work(x, At, chunk)
+        engine = ScanChunks(A, x.shape[0], x.shape[1], chunk)
         out = torch.empty_like(x)
-        starts = x.new_empty(len(work.bounds), bsz, At.shape[0], d_inner)
-        h = x.new_zeros(bsz, At.shape[0], d_inner)
-        for c, (s, e) in enumerate(work.bounds):
+        starts = x.new_empty(len(engine.bounds), *engine.h.shape[1:])
+        h = engine.new_state()
+        for c, (s, e) in enumerate(engine.bounds):
             starts[c] = h
-            pre, dt, dtx = _discretize(x, delta, delta_bias, s, e)
-            hs = work.states(c, dt, dtx, B[:, s:e], start=h)
-            h = hs[-1].clone()
-            y = _readout(hs, C[:, s:e], x[:, s:e], D)
-            if z is not None:
-                torch.mul(y, F.silu(z[:, s:e]), out=out[:, s:e])
-            else:
-                out[:, s:e] = y
+            _, dt, dtx = _discretize(x, delta, delta_bias, s, e)
+            y, h = engine.forward_chunk(dt, dtx, B[:, s:e], C[:, s:e], h)
+            if D is not None:
+                y.addcmul_(x[:, s:e], D)
+            out[:, s:e] = y * F.silu(z[:, s:e]) if z is not None else y
         ctx.chunk = chunk
         ctx.save_for_backward(x, delta, A, B, C, D, z, delta_bias, starts)
         return out
@@ -61,91 +139,36 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, delta, A, B, C, D, z, delta_bias, starts = ctx.saved_tensors
-        At = A.t().contiguous()
-        work = _Work(x, At, ctx.chunk)
+        engine = ScanChunks(A, x.shape[0], x.shape[1], ctx.chunk)
         g_x, g_delta = torch.empty_like(x), torch.empty_like(x)
         gz = torch.empty_like(z) if z is not None else None
         gB, gC = torch.empty_like(B), torch.empty_like(C)
-        gA = torch.zeros_like(At)
         gD = torch.zeros_like(D) if D is not None else None
-        carry = None  # a_e * g_e: what the next chunk's first step sends back into this chunk's last
-        for c in range(len(work.bounds) - 1, -1, -1):
-            s, e = work.bounds[c]
+        for c in range(len(engine.bounds) - 1, -1, -1):
+            s, e = engine.bounds[c]
             pre, dt, dtx = _discretize(x, delta, delta_bias, s, e)
-            hs = work.states(c, dt, dtx, B[:, s:e], start=starts[c], keep_start=True)
             gy = grad_out[:, s:e]
+            y, hb = engine.recompute(dt, dtx, B[:, s:e], C[:, s:e], starts[c])
             if z is not None:
-                y = _readout(hs[1:], C[:, s:e], x[:, s:e], D)
+                if D is not None:
+                    y.addcmul_(x[:, s:e], D)
                 sig = torch.sigmoid(z[:, s:e])
                 gz[:, s:e] = gy * y * sig * (1 + z[:, s:e] * (1 - sig))
                 gy = gy * z[:, s:e] * sig
+            gx, g_dt, gB[:, s:e], gC[:, s:e] = engine.backward_chunk(hb, dt, dtx, x[:, s:e], B[:, s:e], C[:, s:e], gy)
             if D is not None:
                 gD += (gy * x[:, s:e]).sum((0, 1))
-            g, carry = work.state_grads(c, gy, C[:, s:e], carry)
-            gC[:, s:e] = torch.linalg.vecdot(hs[1:], gy.transpose(0, 1)[:, :, None, :]).transpose(0, 1)
-            gB[:, s:e] = torch.linalg.vecdot(g, dtx.transpose(0, 1)[:, :, None, :]).transpose(0, 1)
-            q = torch.matmul(B[:, s:e].transpose(0, 1)[:, :, None, :], g).squeeze(2).transpose(0, 1)
-            w = g.mul_(work.a[: e - s]).mul_(hs[:-1])  # gradient through a_t, times a_t
-            dt_tm = dt.transpose(0, 1)
-            gA += (w * dt_tm[:, :, None, :]).sum((0, 1))
-            g_dt = torch.linalg.vecdot(w, At, dim=2).transpose(0, 1).addcmul_(x[:, s:e], q)
-            torch.mul(g_dt, torch.sigmoid(pre), out=g_delta[:, s:e])
-            gx = dt * q
-            if D is not None:
                 gx.addcmul_(gy, D)
             g_x[:, s:e] = gx
+            torch.mul(g_dt, torch.sigmoid(pre), out=g_delta[:, s:e])
         g_bias = g_delta.sum((0, 1)) if delta_bias is not None else None
-        return g_x, g_delta, gA.t(), gB, gC, gD, gz, g_bias, None
-
-
-class _Work:
-    """Reusable (time, batch, d_state, d_inner) buffers for one scan call, and the two recurrences."""
-
-    def __init__(self, x: torch.Tensor, At: torch.Tensor, chunk: int):
-        bsz, length, d_inner = x.shape
-        self.At = At
-        self.At2 = At * LOG2E
-        self.bounds = [(s, min(length, s + chunk)) for s in range(0, length, chunk)]
-        width = min(chunk, length)
-        self.a = x.new_empty(width, bsz, At.shape[0], d_inner)
-        self.h = x.new_empty(width + 1, bsz, At.shape[0], d_inner)
-        self.g = torch.empty_like(self.a)
-
-    def states(self, c, dt, dtx, B, start, keep_start=False):
-        """h_t for the chunk's steps (and h before them if keep_start), from the state at its start."""
-        n = dt.shape[1]
-        dt_tm = dt.transpose(0, 1)[:, :, None, :]
-        a = torch.exp2(torch.mul(dt_tm, self.At2, out=self.a[:n]), out=self.a[:n])
-        hb = self.h[: n + 1]
-        torch.mul(dtx.transpose(0, 1)[:, :, None, :], B.transpose(0, 1)[:, :, :, None], out=hb[1:])
-        hb[0] = start
-        prev = hb[0]
-        for a_t, h_t in zip(a, hb[1:]):
-            prev = h_t.addcmul_(a_t, prev)
-        return hb if keep_start else hb[1:]
-
-    def state_grads(self, c, gy, C, carry):
-        """g_t = dL/dh_t for the chunk (reverse recurrence), and the carry for the chunk before."""
-        n = gy.shape[1]
-        a = self.a[:n]
-        g = torch.mul(gy.transpose(0, 1)[:, :, None, :], C.transpose(0, 1)[:, :, :, None], out=self.g[:n])
-        if carry is not None:
-            g[-1].add_(carry)
-        for i in range(n - 2, -1, -1):
-            g[i].addcmul_(a[i + 1], g[i + 1])
-        return g, a[0] * g[0]
+        return g_x, g_delta, engine.grad_A(), gB, gC, gD, gz, g_bias, None
 
 
 def _discretize(x, delta, delta_bias, s, e):
     pre = delta[:, s:e] if delta_bias is None else delta[:, s:e] + delta_bias
     dt = F.softplus(pre)
     return pre, dt, dt * x[:, s:e]
-
-
-def _readout(hs, C, x, D):
-    """y_t = C_t . h_t + D x_t for a chunk, batch-first (batch, time, d_inner)."""
-    y = torch.matmul(C.transpose(0, 1)[:, :, None, :], hs).squeeze(2).transpose(0, 1)
-    return y.addcmul(x, D) if D is not None else y
 
 
 def chunked_scan(x, delta, A, B, C, D=None, z=None, delta_bias=None, chunk: int = DEFAULT_CHUNK):
