@@ -63,6 +63,7 @@ class Result:
     batch: int
     step_s: list[float] = field(default_factory=list)
     error: str | None = None
+    first_step_timed: bool = False  # a slow model's warm-up step counted as a timed step
 
     @property
     def tokens(self) -> int:
@@ -153,7 +154,14 @@ class Trainee:
 
 
 def run_case(case: str, impls: list[str], shape: Shape, seq_len: int, steps: int, warmup: int,
-             console: Console) -> list[Result]:
+             console: Console, budget_s: float = 600.0, slow_step_s: float = 60.0) -> list[Result]:
+    """Warm up each model, then time `steps` rounds, one step of each model per round.
+
+    A model whose steps take minutes (transformers' default path at seq_len 1024) would hold
+    the run for an hour: a warm-up step slower than `slow_step_s` is steady state already and
+    counts as a timed step, and a model stops taking steps once its timed steps add up to
+    `budget_s`. The table shows how many steps each median rests on.
+    """
     results, trainees = [], []
     for name in impls:
         result = Result(impl=name, case=case, seq_len=seq_len, batch=shape.batch)
@@ -164,15 +172,24 @@ def run_case(case: str, impls: list[str], shape: Shape, seq_len: int, steps: int
         except Exception as exc:  # a peer that will not build is reported, not fatal
             result.error = f"{type(exc).__name__}: {exc}"
             console.print(f"[yellow]{name}: cannot build ({result.error})[/]")
-    for trainee, _ in trainees:
+    for trainee, result in trainees:
         for _ in range(warmup):
             t = trainee.step()
             console.print(f"  {case} L={seq_len} {trainee.name}: warm-up step {t:.2f}s")
+            if t > slow_step_s:
+                result.step_s.append(t)
+                result.first_step_timed = True
+                break
     for r in range(steps):
+        ran = []
         for trainee, result in trainees:  # round-robin: load swings hit every model alike
+            if len(result.step_s) >= steps or sum(result.step_s) >= budget_s:
+                continue
             result.step_s.append(trainee.step())
-        console.print(f"  {case} L={seq_len} round {r + 1}/{steps}: "
-                      + ", ".join(f"{res.impl} {res.step_s[-1]:.2f}s" for _, res in trainees))
+            ran.append(result)
+        if ran:
+            console.print(f"  {case} L={seq_len} round {r + 1}/{steps}: "
+                          + ", ".join(f"{res.impl} {res.step_s[-1]:.2f}s" for res in ran))
     return results
 
 
@@ -181,9 +198,8 @@ def run_case(case: str, impls: list[str], shape: Shape, seq_len: int, steps: int
 
 def render(results: list[Result], console: Console) -> None:
     table = Table(title=f"Training tokens/s (fwd+bwd+AdamW, fp32, {torch.get_num_threads()} threads)")
-    for col in ("case", "seq_len", "batch", "impl", "median tok/s", "best tok/s", "median step s", "steps",
-                "ours / this"):
-        table.add_column(col, justify="right" if col not in ("case", "impl") else "left")
+    for col in ("case", "L", "batch", "impl", "median tok/s", "best tok/s", "step s", "steps", "ours/this"):
+        table.add_column(col, justify="right" if col not in ("case", "impl") else "left", no_wrap=True)
     for r in results:
         ours = next((o for o in results if o.impl == "ours" and o.case == r.case and o.seq_len == r.seq_len), None)
         med, best = r.tok_s("median"), r.tok_s("best")
@@ -234,21 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 256 1024 (64 256 with --quick)")
     ap.add_argument("--impls", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    ap.add_argument("--budget-s", type=float, default=600.0,
+                    help="stop timing a model once its timed steps add up to this (default 600)")
+    ap.add_argument("--slow-step-s", type=float, default=60.0,
+                    help="a warm-up step slower than this counts as a timed step (default 60)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the small default training config")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "throughput.json")
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.quick else 5)
     seq_lens = args.seq_lens or ([64, 256] if args.quick else [256, 1024])
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=max(120, Console().width))
     console.print(f"threads={torch.get_num_threads()} steps={steps} warmup={args.warmup} {versions()}")
 
     results: list[Result] = []
     for seq_len in seq_lens:
-        results += run_case("bench", args.impls, Shape(), seq_len, steps, args.warmup, console)
+        results += run_case("bench", args.impls, Shape(), seq_len, steps, args.warmup, console,
+                            args.budget_s, args.slow_step_s)
     if not args.no_tiny:
         tiny = Shape(d_model=128, n_layer=4, batch=16)
-        results += run_case("tiny-default", ["ours"], tiny, 128, max(steps, 5), args.warmup, console)
+        results += run_case("tiny-default", ["ours"], tiny, 128, max(steps, 5), args.warmup, console,
+                            args.budget_s, args.slow_step_s)
     render(results, console)
     speed = summary(results)
     for key, s in speed.items():
@@ -259,11 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv[1:] if argv is None else argv,
         "threads": args.threads, "steps": steps, "warmup": args.warmup,
+        "budget_s": args.budget_s, "slow_step_s": args.slow_step_s,
         "versions": versions(), "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor()},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": [
             {"case": r.case, "seq_len": r.seq_len, "batch": r.batch, "impl": r.impl, "tokens_per_step": r.tokens,
-             "step_s": r.step_s, "median_tok_s": r.tok_s("median"), "best_tok_s": r.tok_s("best"), "error": r.error}
+             "step_s": r.step_s, "first_step_timed": r.first_step_timed, "median_tok_s": r.tok_s("median"), "best_tok_s": r.tok_s("best"), "error": r.error}
             for r in results
         ],
         "summary": speed,

@@ -78,7 +78,8 @@ class _FusedMixer(torch.autograd.Function):
         k = conv_w.shape[-1]
         cw = conv_w[:, 0, :].t()
         engine = ScanChunks(A, xz.shape[0], xz.shape[1], ctx.chunk)
-        g_xz = torch.zeros_like(xz)
+        g_xz = torch.empty_like(xz)
+        g_xz[..., :d_inner].zero_()  # the conv adds into it across chunk borders; the z half is assigned
         g_cw, g_cb = torch.zeros_like(cw), torch.zeros_like(conv_b)
         g_xproj, g_dtproj = torch.zeros_like(x_proj_w), torch.zeros_like(dt_proj_w)
         g_dtbias, g_D, g_out = torch.zeros_like(dt_bias), torch.zeros_like(D), torch.zeros_like(out_proj_w)
