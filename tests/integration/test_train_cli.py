@@ -53,6 +53,14 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
+def assert_one_error_line(stderr: str, culprit: str) -> None:
+    """Exactly one 'error:' line, naming the culprit, last, and no traceback."""
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and culprit in errors[0], stderr
+    assert "Traceback" not in stderr, stderr
+
+
 def metrics(run: Path) -> list[dict]:
     rows = []
     for path in sorted((run / "records").glob("*/metrics.jsonl")):
@@ -115,7 +123,7 @@ def test_resume_never_refuses_a_store_with_checkpoints(tmp_path: Path) -> None:
     run_cli(train_args(tmp_path, "run", "train.max_steps=5"), tmp_path, check=True)
     proc = run_cli([*train_args(tmp_path, "run", "train.max_steps=5"), "--resume", "never"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert_one_error_line(proc.stderr, "--resume auto")
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path: Path) -> None:
@@ -143,9 +151,8 @@ def test_bad_input_is_one_line_naming_the_culprit_and_exit_2(tmp_path: Path, ext
     if cli_tail:
         args = ["train", *cli_tail]
     proc = run_cli(args, tmp_path)
-    lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0], proc.stderr
+    assert_one_error_line(proc.stderr, culprit)
 
 
 def test_init_from_a_model_of_another_shape_is_refused(tmp_path: Path) -> None:
@@ -153,8 +160,7 @@ def test_init_from_a_model_of_another_shape_is_refused(tmp_path: Path) -> None:
     proc = run_cli([*train_args(tmp_path, "other", "model.d_model=48"), "--init-from",
                     str(tmp_path / "base" / "final")], tmp_path)
     assert proc.returncode == 2, proc.stderr
-    line = proc.stderr.strip().splitlines()
-    assert len(line) == 1 and "backbone" in line[0]
+    assert_one_error_line(proc.stderr, "backbone")
 
 
 def test_a_truncated_token_shard_is_refused(tmp_path: Path) -> None:
@@ -166,7 +172,7 @@ def test_a_truncated_token_shard_is_refused(tmp_path: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-7])
     proc = run_cli(train_args(tmp_path, "run", f"data.corpus={tmp_path / 'prepared'}"), tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert shard.name in proc.stderr.strip().splitlines()[-1]
+    assert_one_error_line(proc.stderr, shard.name)
 
 
 def test_torchrun_two_ranks_with_gloo_trains_and_resumes_on_one(tmp_path: Path) -> None:
