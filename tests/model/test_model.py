@@ -146,9 +146,12 @@ def test_greedy_generation_follows_the_forward_argmax():
     assert torch.equal(logits.argmax(-1), out[:, 2:])
 
 
-def test_generate_refuses_an_empty_prompt():
+def test_generate_refuses_an_empty_prompt_and_a_negative_count():
+    model = MambaLM(tiny())
     with pytest.raises(ModelError, match="prompt must hold at least one token"):
-        MambaLM(tiny()).generate(torch.zeros(1, 0, dtype=torch.long), 3)
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ModelError, match=r"max_new_tokens must be >= 0 \(got -1\)"):
+        model.generate(torch.tensor([[1]]), -1)
 
 
 def test_a_few_adamw_steps_learn_a_repeated_sequence():

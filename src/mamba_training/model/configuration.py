@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mamba_training.errors import ModelError
+from mamba_training.model.scan import check_scan_name
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ class MambaConfig:
             raise ModelError(f"model.dt_min must be <= model.dt_max (got {self.dt_min} > {self.dt_max})")
         if self.dt_init not in ("random", "constant"):
             raise ModelError(f"model.dt_init must be 'random' or 'constant' (got {self.dt_init!r})")
-        from mamba_training.model.scan import check_scan_name
-
         check_scan_name(self.scan)
         return self
 

@@ -211,6 +211,8 @@ class MambaLM(nn.Module):
             prompt_ids = prompt_ids[None]
         if prompt_ids.shape[1] == 0:
             raise ModelError("generate: the prompt must hold at least one token")
+        if max_new_tokens < 0:
+            raise ModelError(f"generate: max_new_tokens must be >= 0 (got {max_new_tokens})")
         states = self.init_states(prompt_ids.shape[0])
         for t in range(prompt_ids.shape[1]):
             logits = self.step(prompt_ids[:, t], states)
