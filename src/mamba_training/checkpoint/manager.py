@@ -1,9 +1,10 @@
 """The checkpoint engine: async save, commit protocol with fencing, retention, verified restore.
 
-Protocol (DESIGN.md "Checkpoint protocol"):
-1. data files go to `checkpoints/step_<8 digits>/` under unique keys;
+Protocol (DESIGN.md "Checkpoint protocol", docs/checkpoints.md):
+1. data files go to `checkpoints/step_<8 digits>/` under keys unique to this save
+   (`state-<token>.safetensors`, `state-<token>.json`), so no two writers ever overwrite data;
 2. `manifest.json` (sizes, sha256, step, tokens, world size, config hash, writer, time) is written
-   last: a checkpoint without it does not exist for readers;
+   last, create-only: a checkpoint without it does not exist for readers;
 3. `latest.json` is replaced by a conditional write on the ETag this writer last saw, so a stale
    writer (a replaced instance still running) cannot move it: it gets FencedError and stops.
 Readers verify every file against the manifest before deserializing anything, and fall back to
@@ -21,6 +22,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,11 +40,11 @@ FORMAT_VERSION = 1
 LATEST = "latest.json"
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
-TENSORS_FILE = "state.safetensors"
-TREE_FILE = "state.json"
 _STEP_DIR = re.compile(r"^checkpoints/step_(\d{8})/")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # manifest file names: no paths, no '..'
 
-ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (description, total bytes) -> advance
+# progress(description, total_bytes) -> advance(bytes_just_done); the CLI passes rich bars in.
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 def step_prefix(step: int) -> str:
@@ -63,8 +65,8 @@ class CommitInfo:
     tokens_seen: int
     path: str
     bytes: int
-    seconds: float  # from the start of the save (snapshot) to latest.json committed
-    stall_seconds: float  # how long training was blocked by the snapshot
+    seconds: float  # from the start of save() to latest.json committed
+    stall_seconds: float  # how long training was blocked: snapshot + optimizer step held for the copy
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class RestoreInfo:
 class CheckpointSummary:
     step: int
     path: str
-    committed: bool  # has a manifest
+    committed: bool  # has a manifest that parses
     latest: bool
     bytes: int
     manifest: dict[str, Any] | None
@@ -95,7 +97,26 @@ def _utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _cache_name(store: Store) -> str:
+    return hashlib.sha256(store.url.encode()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- reading
+def read_latest(store: Store) -> dict[str, Any] | None:
+    """The parsed `latest.json`, or None when it is missing or unreadable."""
+    found = store.read_with_etag(LATEST)
+    return _parse_pointer(found[0]) if found else None
+
+
+def _parse_pointer(data: bytes) -> dict[str, Any] | None:
+    try:
+        pointer = json.loads(data)
+        pointer["step"] = int(pointer["step"])
+        return pointer
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def list_checkpoints(store: Store) -> list[CheckpointSummary]:
     """Every checkpoint folder in the store, newest first, with its manifest when committed."""
     sizes: dict[int, int] = {}
@@ -106,7 +127,7 @@ def list_checkpoints(store: Store) -> list[CheckpointSummary]:
             continue
         step = int(match.group(1))
         sizes[step] = sizes.get(step, 0) + obj.size
-        if obj.key.endswith("/" + MANIFEST):
+        if obj.key == f"{step_prefix(step)}/{MANIFEST}":
             has_manifest.add(step)
     latest = read_latest(store)
     out = []
@@ -114,80 +135,106 @@ def list_checkpoints(store: Store) -> list[CheckpointSummary]:
         manifest = None
         if step in has_manifest:
             try:
-                manifest = json.loads(store.get_bytes(f"{step_prefix(step)}/{MANIFEST}"))
-            except (json.JSONDecodeError, NotFound, UnicodeDecodeError):
+                manifest = _parse_manifest(store.get_bytes(f"{step_prefix(step)}/{MANIFEST}"), store, step)
+            except (CheckpointError, NotFound):
                 manifest = None
         out.append(CheckpointSummary(step, step_prefix(step), manifest is not None,
-                                     latest is not None and latest.get("step") == step, sizes[step], manifest))
+                                     latest is not None and latest["step"] == step, sizes[step], manifest))
     return out
 
 
-def read_latest(store: Store) -> dict[str, Any] | None:
-    found = store.read_with_etag(LATEST)
-    if found is None:
-        return None
+def _parse_manifest(data: bytes, store: Store, step: int) -> dict[str, Any]:
+    where = store.describe(f"{step_prefix(step)}/{MANIFEST}")
     try:
-        data = json.loads(found[0])
-        int(data["step"])
-        return data
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def verify_checkpoint(store: Store, step: int, cache_dir: Path | None = None,
-                      progress: ProgressFactory | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Fetch a checkpoint's files (if remote) and check them against its manifest.
-
-    Returns (manifest, {file name: local path}); raises CheckpointError naming the bad object.
-    """
-    prefix = step_prefix(step)
-    where = store.describe(prefix)
-    try:
-        manifest = json.loads(store.get_bytes(f"{prefix}/{MANIFEST}"))
+        manifest = json.loads(data)
         files = manifest["files"]
-        int(manifest["step"])
-    except NotFound:
-        raise CheckpointError(f"checkpoint {where} has no manifest: it was never committed") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint manifest {store.describe(prefix + '/' + MANIFEST)} is corrupt") from None
+        names = [manifest["tensors"], manifest["tree"]]
+        if int(manifest["step"]) != step:
+            raise CheckpointError(f"checkpoint manifest {where} is for step {manifest['step']}, not {step}")
+        for name, meta in files.items():
+            int(meta["size"]), str(meta["sha256"])
+            if not _FILE_NAME.match(name):
+                raise CheckpointError(f"checkpoint manifest {where} names a bad file {name!r}")
+        if any(name not in files for name in names):
+            raise CheckpointError(f"checkpoint manifest {where} does not list its state files")
+    except CheckpointError:
+        raise
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint manifest {where} is corrupt") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {where} has format {manifest.get('format_version')}, "
                               f"this version reads {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_checkpoint(store: Store, step: int, cache_dir: str | Path | None = None,
+                      progress: ProgressFactory | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Fetch a checkpoint's files (if remote) and check each one's size and sha256 against the manifest.
+
+    Returns (manifest, {file name: local path}); raises CheckpointError naming the bad object.
+    Nothing is deserialized here: this is what stands between the store and safetensors/JSON.
+    """
+    prefix = step_prefix(step)
+    try:
+        manifest = _parse_manifest(store.get_bytes(f"{prefix}/{MANIFEST}"), store, step)
+    except NotFound:
+        raise CheckpointError(f"checkpoint {store.describe(prefix)} has no manifest: it was never committed") from None
     paths: dict[str, Path] = {}
-    for name, meta in files.items():
+    for name, meta in manifest["files"].items():
         key = f"{prefix}/{name}"
+        size, digest = int(meta["size"]), str(meta["sha256"])
         local = store.local_path(key)
         if local is None:
             if cache_dir is None:
                 raise CheckpointError(f"no cache folder to download {store.describe(key)} into")
             local = Path(cache_dir) / _cache_name(store) / prefix / name
-            if not (local.is_file() and local.stat().st_size == meta["size"] and sha256_file(local) == meta["sha256"]):
-                advance = progress(f"download {name}", int(meta["size"])) if progress else None
-                store.get_file(key, local, progress=advance)
+            if not (local.is_file() and local.stat().st_size == size and sha256_file(local) == digest):
+                advance = progress(f"download {name}", size) if progress else None
+                try:
+                    store.get_file(key, local, progress=advance)
+                except NotFound:
+                    raise CheckpointError(f"checkpoint file {store.describe(key)} is missing") from None
         if not local.is_file():
             raise CheckpointError(f"checkpoint file {store.describe(key)} is missing")
-        size = local.stat().st_size
-        if size != meta["size"]:
-            raise CheckpointError(f"checkpoint file {store.describe(key)} is {size} bytes, manifest says {meta['size']}")
-        if sha256_file(local) != meta["sha256"]:
+        actual = local.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint file {store.describe(key)} is {actual} bytes, manifest says {size}")
+        if sha256_file(local) != digest:
             raise CheckpointError(f"checkpoint file {store.describe(key)} fails its sha256 check")
         paths[name] = local
     return manifest, paths
 
 
-def _cache_name(store: Store) -> str:
-    return hashlib.sha256(store.url.encode()).hexdigest()[:16]
-
-
-def load_verified(paths: dict[str, Path]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_verified(manifest: dict[str, Any], paths: dict[str, Path],
+                  where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a verified checkpoint into memory: safetensors + JSON, never pickle."""
-    tree = json.loads(paths[TREE_FILE].read_text())
-    tensors = load_file(str(paths[TENSORS_FILE])) if TENSORS_FILE in paths else {}
+    try:
+        tree = json.loads(paths[manifest["tree"]].read_text())
+        tensors = load_file(str(paths[manifest["tensors"]]))
+    except Exception as error:  # verified bytes that still do not parse: written by something else
+        raise CheckpointError(f"checkpoint {where} does not decode: {error}") from None
     return tree, tensors
 
 
 # --------------------------------------------------------------------------- manager
+@dataclass
+class _Job:
+    step: int
+    tokens_seen: int
+    snap: state_io.Snapshot
+    shapes: dict[str, list[int]]
+    started: float
+    stall: float
+
+
 class CheckpointManager:
+    """Saves and restores a dict of Stateful objects to one run store.
+
+    Rank 0 writes; other ranks' save() returns at once (DDP replicates the full state).
+    One save is in flight at a time: a save() while one is in flight waits for it.
+    After a FencedError (another writer advanced latest.json) the manager never writes again.
+    """
+
     def __init__(
         self,
         store: Store | str,
@@ -202,7 +249,7 @@ class CheckpointManager:
         world_size: int = 1,
         progress: ProgressFactory | None = None,
     ) -> None:
-        self.store = open_store(store) if isinstance(store, str) else store
+        self.store = open_store(store) if isinstance(store, (str, Path)) else store
         self.policy = policy
         self.config = config or {}
         self.config_hash = config_hash
@@ -219,7 +266,11 @@ class CheckpointManager:
         self._fenced: FencedError | None = None
         self._last_commit: CommitInfo | None = None
         self._last_save_time = time.monotonic()
-        self._lock = threading.Lock()
+        self._copied = threading.Event()
+        self._copied.set()
+        self._held = 0.0  # seconds optimizer steps waited for the current snapshot copy
+        self._hooks: dict[int, Any] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ---- policy
     def should_save(self, step: int) -> bool:
@@ -237,24 +288,46 @@ class CheckpointManager:
 
     # ---- save
     def save(self, step: int, tokens_seen: int, app_state: dict[str, Any]) -> None:
-        """Snapshot now (blocking), write and commit in the background (or now if not async)."""
+        """Snapshot now; write and commit in the background (or before returning if not async).
+
+        Blocks while small state is copied; model and optimizer tensors are copied by the save
+        thread, and the optimizers' next step() waits for that copy (a step pre-hook). Anything
+        else that changes parameters in place must call `wait_snapshot()` first.
+        """
         self._raise_failures()
         self._last_save_time = time.monotonic()
         if self.rank != 0:
             return
         self._wait()
         self._raise_failures()
+        if self._last_commit is not None and self._last_commit.step == step:
+            return  # already committed (e.g. the emergency save right after a periodic one)
         started = time.monotonic()
-        tree, tensors = state_io.snapshot(app_state)
-        shapes = state_io.model_shapes(app_state)
-        stall = time.monotonic() - started
-        job = (step, tokens_seen, tree, tensors, shapes, started, stall)
+        defer = self.async_save and bool(state_io.optimizers(app_state))
+        snap = state_io.snapshot(app_state, defer_large=defer)
+        if defer:
+            self._guard(app_state)
+        job = _Job(step, tokens_seen, snap, state_io.model_shapes(app_state), started, time.monotonic() - started)
         if self.async_save:
-            self._thread = threading.Thread(target=self._run_job, args=job, name=f"checkpoint-{step}", daemon=True)
+            self._thread = threading.Thread(target=self._run_job, args=(job,), name=f"checkpoint-{step}", daemon=True)
             self._thread.start()
         else:
-            self._run_job(*job)
+            self._run_job(job)
             self._raise_failures()
+
+    def wait_snapshot(self) -> None:
+        """Block until the in-flight save has copied the model and optimizer state."""
+        if not self._copied.is_set():
+            start = time.monotonic()
+            self._copied.wait()
+            self._held += time.monotonic() - start
+
+    def _guard(self, app_state: dict[str, Any]) -> None:
+        self._copied.clear()
+        self._held = 0.0
+        for optim in state_io.optimizers(app_state):
+            if id(optim) not in self._hooks:
+                self._hooks[id(optim)] = optim.register_step_pre_hook(lambda *_: self.wait_snapshot())
 
     def flush(self, timeout: float | None = None) -> CommitInfo | None:
         """Wait for the in-flight save; return the newest commit. Raises what a background save hit."""
@@ -263,10 +336,15 @@ class CheckpointManager:
         return self._last_commit
 
     def close(self) -> None:
+        """Wait for the in-flight save and detach from the optimizers; failures are left to flush()."""
         try:
             self._wait()
-        except Exception:  # close is best effort; flush() is how callers learn about failures
+        except CheckpointError:
             pass
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._buffers.clear()
 
     def _wait(self, timeout: float | None = None) -> None:
         thread = self._thread
@@ -283,66 +361,102 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise error
 
-    def _run_job(self, step, tokens_seen, tree, tensors, shapes, started, stall) -> None:
+    def _run_job(self, job: _Job) -> None:
         try:
-            commit = self._write_and_commit(step, tokens_seen, tree, tensors, shapes, started, stall)
-            with self._lock:
-                self._last_commit = commit
-            log.info("checkpoint step %d committed in %.2fs (%d bytes)", step, commit.seconds, commit.bytes)
-            self._apply_retention(step)
+            try:
+                job.snap.copy(self._buffers)
+            finally:
+                self._copied.set()  # never leave an optimizer waiting, even when the copy failed
+            commit = self._write_and_commit(job)
+            self._last_commit = commit
+            log.info("checkpoint step %d committed in %.2fs (%d bytes, training blocked %.3fs)",
+                     job.step, commit.seconds, commit.bytes, commit.stall_seconds)
+            self._apply_retention(job.step)
         except FencedError as error:
             log.error("%s", error)
             self._fenced = error
         except BaseException as error:  # reported to the training loop at its next save/flush
-            log.error("checkpoint step %d failed: %s", step, error)
+            log.error("checkpoint step %d failed: %s", job.step, error)
             self._error = error if isinstance(error, (StoreError, CheckpointError)) else \
-                CheckpointError(f"checkpoint step {step} failed: {error}")
+                CheckpointError(f"checkpoint step {job.step} failed: {type(error).__name__}: {error}")
 
-    def _write_and_commit(self, step, tokens_seen, tree, tensors, shapes, started, stall) -> CommitInfo:
-        prefix = step_prefix(step)
-        staging = self.cache_dir / "staging" / f"{_cache_name(self.store)}-{step:08d}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+    def _stage(self, job: _Job, staging: Path) -> dict[str, str]:
+        token = uuid.uuid4().hex[:12]
+        names = {"tensors": f"state-{token}.safetensors", "tree": f"state-{token}.json"}
         try:
             staging.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(staging / TENSORS_FILE))
-            (staging / TREE_FILE).write_text(json.dumps(tree))
-        except OSError as error:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise StoreError(f"cannot stage checkpoint step {step} in {staging}: {error.strerror or error}") from None
-        files = {}
-        total = 0
+            save_file(job.snap.tensors, str(staging / names["tensors"]))
+            (staging / names["tree"]).write_text(json.dumps(job.snap.tree))
+        except (OSError, RuntimeError) as error:  # safetensors reports a full disk as an IoError
+            text = getattr(error, "strerror", None) or str(error)
+            raise StoreError(f"cannot stage checkpoint step {job.step} in {staging}: {text}") from None
+        return names
+
+    def _write_and_commit(self, job: _Job) -> CommitInfo:
+        prefix = step_prefix(job.step)
+        staging = self.cache_dir / "staging" / f"{_cache_name(self.store)}-{job.step:08d}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        files: dict[str, dict[str, Any]] = {}
         try:
-            for name in (TENSORS_FILE, TREE_FILE):
+            names = self._stage(job, staging)
+            for name in names.values():
                 path = staging / name
                 size = path.stat().st_size
                 files[name] = {"size": size, "sha256": sha256_file(path)}
-                total += size
                 advance = self.progress(f"upload {name}", size) if self.progress else None
                 self.store.put_file(f"{prefix}/{name}", path, progress=advance)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         manifest = {
             "format_version": FORMAT_VERSION,
-            "step": step,
-            "tokens_seen": tokens_seen,
+            "step": job.step,
+            "tokens_seen": job.tokens_seen,
             "world_size": self.world_size,
             "config_hash": self.config_hash,
             "writer_id": self.writer_id,
             "time": _utc(),
+            "tensors": names["tensors"],
+            "tree": names["tree"],
             "files": files,
-            "model_shapes": shapes,
+            "model_shapes": job.shapes,
             "config": self.config,
         }
         manifest_bytes = json.dumps(manifest, indent=1).encode()
-        self.store.put_bytes(f"{prefix}/{MANIFEST}", manifest_bytes)
-        self._advance_latest(step, manifest_bytes)
-        return CommitInfo(step, tokens_seen, prefix, total + len(manifest_bytes), time.monotonic() - started, stall)
+        self._check_not_fenced()
+        self._write_manifest(job.step, manifest_bytes)
+        self._advance_latest(job.step, manifest_bytes)
+        total = sum(f["size"] for f in files.values()) + len(manifest_bytes)
+        return CommitInfo(job.step, job.tokens_seen, prefix, total, time.monotonic() - job.started,
+                          job.stall + self._held)
+
+    def _check_not_fenced(self) -> None:
+        """Fail before writing a manifest when latest.json moved since this writer last saw it."""
+        current = self.store.read_with_etag(LATEST)
+        etag = current[1] if current else None
+        if not self._etag_known:
+            self._etag, self._etag_known = etag, True
+        elif etag != self._etag:
+            pointer = _parse_pointer(current[0]) if current else None
+            who = f"step {pointer['step']} by {pointer.get('writer_id', '?')}" if pointer else "another writer"
+            raise FencedError(f"{self.store.describe(LATEST)} was advanced to {who}: this writer stops")
+
+    def _write_manifest(self, step: int, data: bytes) -> None:
+        key = f"{step_prefix(step)}/{MANIFEST}"
+        try:
+            self.store.put_if(key, data, None)
+            return
+        except FencedError:
+            pass
+        # A manifest is already there. If latest.json has reached this step, someone committed it:
+        # this writer is stale. Otherwise it was left by a writer that died before committing.
+        pointer = read_latest(self.store)
+        if pointer is not None and pointer["step"] >= step:
+            raise FencedError(f"{self.store.describe(key)} was already committed by "
+                              f"{pointer.get('writer_id', 'another writer')}: this writer stops")
+        existing = self.store.read_with_etag(key)
+        self.store.put_if(key, data, existing[1] if existing else None)
 
     def _advance_latest(self, step: int, manifest_bytes: bytes) -> None:
-        if not self._etag_known:
-            current = self.store.read_with_etag(LATEST)
-            self._etag = current[1] if current else None
-            self._etag_known = True
         pointer = {
             "step": step,
             "path": step_prefix(step),
@@ -353,20 +467,32 @@ class CheckpointManager:
         self._etag = self.store.put_if(LATEST, json.dumps(pointer).encode(), self._etag)
 
     def _apply_retention(self, newest: int) -> None:
-        """Keep the last K committed plus every M-th; drop incomplete ones older than the newest."""
+        """Keep the last K committed plus every M-th; drop incomplete ones older than the newest.
+
+        Inside the checkpoints kept, files the manifest does not name (left by a writer that died
+        mid-save) are removed too.
+        """
         try:
             summaries = list_checkpoints(self.store)
             committed = [s.step for s in summaries if s.committed]
-            keep = set(sorted(committed, reverse=True)[: self.policy.keep_last]) | {newest}
+            keep = set(sorted(committed, reverse=True)[: max(1, self.policy.keep_last)]) | {newest}
             if self.policy.keep_every:
                 keep |= {s for s in committed if s % self.policy.keep_every == 0}
-            doomed = [s.step for s in summaries if s.step not in keep and (s.committed or s.step < newest)]
-            if not doomed:
+            doomed = {s.step for s in summaries if s.step not in keep and (s.committed or s.step < newest)}
+            manifests = {s.step: s.manifest for s in summaries if s.manifest is not None}
+            keys = []
+            for obj in self.store.list(CHECKPOINTS + "/"):
+                match = _STEP_DIR.match(obj.key)
+                if not match:
+                    continue
+                step, name = int(match.group(1)), obj.key.rsplit("/", 1)[-1]
+                stray = step < newest and step in manifests and name != MANIFEST and name not in manifests[step]["files"]
+                if step in doomed or stray:
+                    keys.append(obj.key)
+            if not keys:
                 return
-            keys = [o.key for o in self.store.list(CHECKPOINTS + "/")
-                    if (m := _STEP_DIR.match(o.key)) and int(m.group(1)) in doomed]
-            # Remove manifests first so a half-deleted checkpoint is never mistaken for a committed one.
-            keys.sort(key=lambda k: not k.endswith(MANIFEST))
+            # Manifests go first so a half-deleted checkpoint is never mistaken for a committed one.
+            keys.sort(key=lambda k: not k.endswith("/" + MANIFEST))
             self.store.delete(keys)
             log.debug("retention removed checkpoints %s", sorted(doomed))
         except Exception as error:  # retention is housekeeping: never fail a commit over it
@@ -386,16 +512,21 @@ class CheckpointManager:
     def restore(self, app_state: dict[str, Any], step: int | None = None) -> RestoreInfo | None:
         """Restore the newest verified checkpoint (or `step`) into `app_state`; None if there is none.
 
-        Every file is verified and every tensor shape checked before any object is touched, so a
-        failure never leaves a half-restored model.
+        A checkpoint whose files fail verification is skipped with a warning for the next older
+        one (an explicit `step` raises instead). Every file is verified and every tensor shape
+        checked before any object is touched: a failure never leaves a half-restored model.
+        A checkpoint of another model shape raises CheckpointError naming the tensor.
         """
+        self._wait()
         started = time.monotonic()
         found = self.store.read_with_etag(LATEST)
         self._etag, self._etag_known = (found[1] if found else None), True
-        candidates = self._candidates(step)
+        pointer = _parse_pointer(found[0]) if found else None
+        candidates = [step] if step is not None else self._candidates(pointer, found is not None)
         if not candidates:
             return None
         for candidate in candidates:
+            where = self.store.describe(step_prefix(candidate))
             try:
                 manifest, paths = verify_checkpoint(self.store, candidate, self.cache_dir, self.progress)
             except CheckpointError as error:
@@ -403,10 +534,9 @@ class CheckpointManager:
                     raise
                 log.warning("skipping checkpoint step %d: %s", candidate, error)
                 continue
-            where = self.store.describe(step_prefix(candidate))
             state_io.check_shapes(manifest.get("model_shapes", {}), state_io.model_shapes(app_state), where)
-            tree, tensors = load_verified(paths)
-            state_io.apply(app_state, tree, tensors)
+            tree, tensors = load_verified(manifest, paths, where)
+            state_io.apply(app_state, tree, tensors, where)
             info = RestoreInfo(candidate, int(manifest.get("tokens_seen", 0)), step_prefix(candidate),
                                int(manifest.get("world_size", 1)), time.monotonic() - started,
                                str(manifest.get("writer_id", "")))
@@ -416,28 +546,30 @@ class CheckpointManager:
             return info
         raise CheckpointError(f"no checkpoint in {self.store.url} passes verification")
 
-    def _candidates(self, step: int | None) -> list[int]:
-        if step is not None:
-            return [step]
+    def _candidates(self, pointer: dict[str, Any] | None, pointer_exists: bool) -> list[int]:
         committed = [s.step for s in list_checkpoints(self.store) if s.committed]
-        pointer = read_latest(self.store)
         if pointer is not None and pointer["step"] in committed:
-            newer_first = [pointer["step"]] + [s for s in committed if s < pointer["step"]]
-            return newer_first
-        if pointer is not None or committed:
-            log.warning("latest.json in %s is %s: falling back to the newest verified manifest",
-                        self.store.url, "bad" if pointer is not None else "missing")
+            return [pointer["step"]] + [s for s in committed if s < pointer["step"]]
+        if committed:
+            state = "missing" if not pointer_exists else "unreadable" if pointer is None else \
+                f"pointing at uncommitted step {pointer['step']}"
+            log.warning("%s is %s: falling back to the newest verified checkpoint",
+                        self.store.describe(LATEST), state)
         return committed
 
     # ---- the run's other files
     def upload_run_file(self, key: str, local_path: str | Path) -> None:
+        """Upload one of the run's other files (config, final weights, records) on rank 0."""
         if self.rank == 0:
-            self.store.put_file(key, Path(local_path))
+            path = Path(local_path)
+            advance = self.progress(f"upload {key}", path.stat().st_size) if self.progress else None
+            self.store.put_file(key, path, progress=advance)
 
     def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
+        """Upload every file under `local_dir` to `prefix/` (rank 0 only)."""
         if self.rank != 0:
             return
         base = Path(local_dir)
         for path in sorted(base.rglob("*")):
             if path.is_file():
-                self.store.put_file(f"{prefix.rstrip('/')}/{path.relative_to(base).as_posix()}", path)
+                self.upload_run_file(f"{prefix.rstrip('/')}/{path.relative_to(base).as_posix()}", path)

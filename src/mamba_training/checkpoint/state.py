@@ -3,67 +3,132 @@
 Every object handed over exposes `state_dict()` / `load_state_dict()`. Their nested state (dicts,
 lists, numbers, strings, tensors) is split into a JSON tree, where each tensor is replaced by a
 reference, and a flat {name: tensor} map saved with safetensors. Dict keys that are not strings
-(optimizer state is keyed by int) are kept by encoding such dicts as key/value pairs.
+are kept by encoding such dicts as key/value pairs.
 
-DDP replicates the full model and optimizer on every rank, so rank 0's state dicts are complete
-and a checkpoint restores on any world size (resharding is trivial without FSDP). If sharded
-training is added, gather with torch.distributed.checkpoint.state_dict.get_state_dict(...,
-full_state_dict=True) here and nothing else changes.
+The model and its optimizers go through torch.distributed.checkpoint.state_dict
+(`get_model_state_dict` / `get_optimizer_state_dict` with full_state_dict=True): keys are the
+parameters' fully qualified names (no DDP 'module.' prefix, optimizer state keyed by name rather
+than by position), so a checkpoint restores on any world size, and an FSDP model would be gathered
+by the same call. Those calls need no process group for an unsharded model.
+
+Capture is split in two so that training blocks as little as possible: small objects (counters,
+RNG, scheduler, sampler) are copied at once; model and optimizer tensors are only *referenced*
+and copied later by `Snapshot.copy()` (in the save thread). They change only inside
+`optimizer.step()`, which the manager holds until the copy is done.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from mamba_training.errors import CheckpointError
 
 _TENSOR = "__tensor__"
 _PAIRS = "__pairs__"
 _TUPLE = "__tuple__"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=False)
 
 
 def unwrap(module: Any) -> Any:
-    """The bare module under DDP (whose state dict keys carry a 'module.' prefix)."""
+    """The bare module under DDP (whose own state dict keys carry a 'module.' prefix)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def snapshot(app_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Copy every object's state to CPU memory now; returns (json_tree, tensors).
+def find_model(app_state: dict[str, Any]) -> nn.Module | None:
+    model = app_state.get("model")
+    return model if isinstance(model, nn.Module) else None
 
-    This is the only part of a save that blocks training.
+
+def optimizers(app_state: dict[str, Any]) -> list[torch.optim.Optimizer]:
+    return [obj for obj in app_state.values() if isinstance(obj, torch.optim.Optimizer)]
+
+
+def _state_dict(obj: Any, model: nn.Module | None) -> Any:
+    if isinstance(obj, nn.Module):
+        return get_model_state_dict(obj, options=_FULL)
+    # An optimizer without state yet is saved as is: get_optimizer_state_dict would run a
+    # zero-lr step to create it, which changes AdamW's step counts and so the training itself.
+    if isinstance(obj, torch.optim.Optimizer) and model is not None and obj.state:
+        return get_optimizer_state_dict(model, obj, options=_FULL)
+    return obj.state_dict()
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint's content: the JSON tree, tensors already copied, and tensors still to copy."""
+
+    tree: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def copy(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy the pending (live) tensors to CPU memory, reusing `buffers` of the same shape."""
+        buffers = {} if buffers is None else buffers
+        for path, live in self.pending.items():
+            buf = buffers.get(path)
+            if buf is None or buf.shape != live.shape or buf.dtype != live.dtype:
+                buf = torch.empty(live.shape, dtype=live.dtype, pin_memory=live.is_cuda)
+                buffers[path] = buf
+            buf.copy_(live.detach())
+            self.tensors[path] = buf
+        self.pending = {}
+
+
+def snapshot(app_state: dict[str, Any], defer_large: bool = False) -> Snapshot:
+    """Encode every object's state; copy small tensors now, model/optimizer ones now or later.
+
+    With `defer_large`, model and optimizer tensors stay references in `pending` until
+    `Snapshot.copy()`; the caller must keep them unchanged until then.
     """
-    tensors: dict[str, torch.Tensor] = {}
+    snap = Snapshot(tree={})
+    model = find_model(app_state)
 
-    def walk(value: Any, path: str) -> Any:
+    def walk(value: Any, path: str, defer: bool) -> Any:
         if isinstance(value, torch.Tensor):
-            tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+            if defer:
+                snap.pending[path] = value
+            else:
+                snap.tensors[path] = value.detach().to("cpu", copy=True).contiguous()
             return {_TENSOR: path}
         if isinstance(value, dict):
             if all(isinstance(k, str) for k in value):
-                return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
-            return {_PAIRS: [[k, walk(v, f"{path}/{k}")] for k, v in value.items()]}
+                return {k: walk(v, f"{path}/{k}", defer) for k, v in value.items()}
+            return {_PAIRS: [[k, walk(v, f"{path}/{k}", defer)] for k, v in value.items()]}
         if isinstance(value, tuple):
-            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
+            return {_TUPLE: [walk(v, f"{path}/{i}", defer) for i, v in enumerate(value)]}
         if isinstance(value, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+            return [walk(v, f"{path}/{i}", defer) for i, v in enumerate(value)]
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if hasattr(value, "item"):  # numpy scalars
             return value.item()
         raise CheckpointError(f"cannot save state entry {path}: unsupported type {type(value).__name__}")
 
-    tree = {name: walk(unwrap(obj).state_dict(), name) for name, obj in app_state.items()}
-    return tree, tensors
+    for name, obj in app_state.items():
+        large = isinstance(obj, (nn.Module, torch.optim.Optimizer))
+        snap.tree[name] = walk(_state_dict(obj, model), name, defer_large and large)
+    return snap
 
 
 def rebuild(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Inverse of `snapshot`'s encoding."""
     if isinstance(tree, dict):
         if _TENSOR in tree:
-            return tensors[tree[_TENSOR]]
+            try:
+                return tensors[tree[_TENSOR]]
+            except KeyError:
+                raise CheckpointError(f"checkpoint state refers to tensor {tree[_TENSOR]} it does not hold") from None
         if _PAIRS in tree:
             return {k: rebuild(v, tensors) for k, v in tree[_PAIRS]}
         if _TUPLE in tree:
@@ -75,10 +140,10 @@ def rebuild(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def model_shapes(app_state: dict[str, Any]) -> dict[str, list[int]]:
-    model = app_state.get("model")
+    model = find_model(app_state)
     if model is None:
         return {}
-    return {k: list(v.shape) for k, v in unwrap(model).state_dict().items()}
+    return {k: list(v.shape) for k, v in get_model_state_dict(model, options=_FULL).items()}
 
 
 def check_shapes(saved: dict[str, list[int]], current: dict[str, list[int]], where: str) -> None:
@@ -96,15 +161,57 @@ def check_shapes(saved: dict[str, list[int]], current: dict[str, list[int]], whe
         raise CheckpointError(f"checkpoint {where} has tensor {extra[0]} the configured model lacks")
 
 
-def apply(app_state: dict[str, Any], tree: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Load every object's state. Call only after everything was read and verified."""
+def _check_optimizer(state: dict[str, Any], shapes: dict[str, list[int]], where: str) -> None:
+    """Optimizer moments must have their parameter's shape (name-keyed format only)."""
+    for fqn, entry in state.get("state", {}).items():
+        if not isinstance(fqn, str) or fqn not in shapes:
+            continue
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim and list(value.shape) != shapes[fqn]:
+                raise CheckpointError(f"checkpoint {where}: optimizer state {fqn}.{key} has shape "
+                                      f"{tuple(value.shape)}, the parameter has {tuple(shapes[fqn])}")
+
+
+def apply(app_state: dict[str, Any], tree: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Load every object's state; call only after every file was verified and shapes checked.
+
+    Everything is decoded first; small objects (which may reject their state) are loaded before
+    the model and optimizers and rolled back if one refuses, so a failure leaves no object changed.
+    """
     missing = sorted(set(app_state) - set(tree))
     if missing:
-        raise CheckpointError(f"checkpoint lacks state for {missing[0]!r}")
+        raise CheckpointError(f"checkpoint {where} lacks state for {missing[0]!r}")
+    states = {name: rebuild(tree[name], tensors) for name in app_state}
+    model = find_model(app_state)
+    shapes = model_shapes(app_state)
     for name, obj in app_state.items():
-        state = rebuild(tree[name], tensors)
-        target = unwrap(obj)
-        if isinstance(target, nn.Module):
-            target.load_state_dict(state, strict=True)
-        else:
-            target.load_state_dict(state)
+        if isinstance(obj, torch.optim.Optimizer):
+            _check_optimizer(states[name], shapes, where)
+
+    small = [n for n, o in app_state.items() if not isinstance(o, (nn.Module, torch.optim.Optimizer))]
+    before = {n: snapshot({n: app_state[n]}) for n in small}
+    loaded: list[str] = []
+    try:
+        for name in small:
+            app_state[name].load_state_dict(states[name])
+            loaded.append(name)
+    except Exception as error:
+        for name in loaded:
+            app_state[name].load_state_dict(rebuild(before[name].tree[name], before[name].tensors))
+        raise CheckpointError(f"checkpoint {where}: {name} state does not load: {error}") from None
+
+    for name, obj in app_state.items():
+        if isinstance(obj, nn.Module):
+            set_model_state_dict(obj, states[name], options=StateDictOptions(full_state_dict=True, strict=True))
+    for name, obj in app_state.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            _load_optimizer(obj, states[name], model)
+
+
+def _load_optimizer(optim: torch.optim.Optimizer, state: dict[str, Any], model: nn.Module | None) -> None:
+    groups = state.get("param_groups", [])
+    by_name = any(isinstance(p, str) for g in groups for p in g.get("params", []))
+    if by_name and model is not None:
+        set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optim.load_state_dict(state)

@@ -201,9 +201,10 @@ class LocalStore(Store):
             return []
         found = []
         for path in start.rglob("*"):
-            if not path.is_file() or path.name.startswith(".") or path.name.endswith(".lock"):
-                continue
             key = path.relative_to(self.root).as_posix()
+            # Hidden names are ours (temp files mid-rename, locks): never objects.
+            if not path.is_file() or any(part.startswith(".") for part in key.split("/")):
+                continue
             if key.startswith(prefix):
                 stat = path.stat()
                 found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
@@ -226,7 +227,8 @@ class LocalStore(Store):
         return data, hashlib.sha256(data).hexdigest()
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> str:
-        lock_path = self._path(key).with_name(self._path(key).name + ".lock")
+        # Lock files live in a hidden folder so they never show up in listings or block rmdir.
+        lock_path = self.root / ".locks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
         try:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock = open(lock_path, "a")
@@ -254,7 +256,8 @@ def _client_error_code(error: Exception) -> tuple[str, int]:
 
 
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str, region: str | None = None, profile: str | None = None) -> None:
+    def __init__(self, bucket: str, prefix: str, region: str | None = None, profile: str | None = None,
+                 part_size: int = 16 * _CHUNK, concurrency: int = 8) -> None:
         from boto3.s3.transfer import TransferConfig
 
         from mamba_training.aws.session import client
@@ -264,8 +267,9 @@ class S3Store(Store):
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._client = client("s3", region=region, profile=profile,
                               max_pool_connections=32, connect_timeout=5, read_timeout=60)
-        self._transfer = TransferConfig(multipart_threshold=16 * _CHUNK, multipart_chunksize=16 * _CHUNK,
-                                        max_concurrency=8, use_threads=True)
+        # Files above one part go up as a multipart upload, `concurrency` parts at a time.
+        self._transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                        max_concurrency=concurrency, use_threads=True)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -275,11 +279,12 @@ class S3Store(Store):
             ConnectionClosedError,
             EndpointConnectionError,
             NoCredentialsError,
+            PartialCredentialsError,
             ReadTimeoutError,
         )
 
         where = self.describe(key) if key else self.url
-        if isinstance(error, NoCredentialsError):
+        if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
             return StoreUrlError(f"no AWS credentials found for {where} (set AWS_PROFILE or AWS_ACCESS_KEY_ID)")
         if isinstance(error, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError)):
             return StoreError(f"cannot reach S3 for {where}: {error}")
