@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop timing a model once its timed steps add up to this (default 600)")
     ap.add_argument("--slow-step-s", type=float, default=60.0,
                     help="a warm-up step slower than this counts as a timed step (default 60)")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="IMPL@L",
+                    help="leave a model out at one sequence length, e.g. transformers@1024 (its O(L^2) "
+                         "backward needs tens of minutes per step there on a busy 2-core machine)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the small default training config")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "throughput.json")
     args = ap.parse_args(argv)
@@ -265,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     for seq_len in seq_lens:
-        results += run_case("bench", args.impls, Shape(), seq_len, steps, args.warmup, console,
+        impls = [i for i in args.impls if f"{i}@{seq_len}" not in args.skip]
+        results += run_case("bench", impls, Shape(), seq_len, steps, args.warmup, console,
                             args.budget_s, args.slow_step_s)
+        results += [Result(impl=i, case="bench", seq_len=seq_len, batch=Shape().batch, error="skipped (--skip)")
+                    for i in args.impls if i not in impls]
     if not args.no_tiny:
         tiny = Shape(d_model=128, n_layer=4, batch=16)
         results += run_case("tiny-default", ["ours"], tiny, 128, max(steps, 5), args.warmup, console,
