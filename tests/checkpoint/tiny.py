@@ -61,6 +61,8 @@ class Sampler:
 
 def build(seed: int = 0, width: int = 16) -> dict[str, Any]:
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
     model = nn.Sequential(nn.Linear(8, width), nn.GELU(), nn.Linear(width, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))

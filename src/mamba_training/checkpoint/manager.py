@@ -394,7 +394,7 @@ class CheckpointManager:
 
     def _write_and_commit(self, job: _Job) -> CommitInfo:
         prefix = step_prefix(job.step)
-        staging = self.cache_dir / "staging" / f"{_cache_name(self.store)}-{job.step:08d}-{os.getpid()}"
+        staging = self.cache_dir / "staging" / f"{job.step:08d}-{uuid.uuid4().hex}"
         shutil.rmtree(staging, ignore_errors=True)
         files: dict[str, dict[str, Any]] = {}
         try:

@@ -196,9 +196,10 @@ def apply(app_state: dict[str, Any], tree: dict[str, Any], tensors: dict[str, to
             app_state[name].load_state_dict(states[name])
             loaded.append(name)
     except Exception as error:
-        for name in loaded:
-            app_state[name].load_state_dict(rebuild(before[name].tree[name], before[name].tensors))
-        raise CheckpointError(f"checkpoint {where}: {name} state does not load: {error}") from None
+        failed = name
+        for done in loaded:
+            app_state[done].load_state_dict(rebuild(before[done].tree[done], before[done].tensors))
+        raise CheckpointError(f"checkpoint {where}: {failed} state does not load: {error}") from None
 
     for name, obj in app_state.items():
         if isinstance(obj, nn.Module):

@@ -110,6 +110,15 @@ def _disk_error(error: OSError, where: str) -> StoreError:
     return StoreError(f"cannot write {where}: {error.strerror or error}")
 
 
+def _bytes_writer(data: bytes) -> Callable[[int], None]:
+    def write(fd: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view[:_CHUNK]):]
+
+    return write
+
+
 class LocalStore(Store):
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -153,12 +162,7 @@ class LocalStore(Store):
             raise _disk_error(error, self.describe(key)) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        def write(fd: int) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:_CHUNK]):]
-
-        self._atomic_write(key, write)
+        self._atomic_write(key, _bytes_writer(data))
 
     def put_file(self, key: str, local_path: Path, progress: Progress | None = None) -> None:
         source = Path(local_path)
@@ -243,7 +247,7 @@ class LocalStore(Store):
                     f"{self.describe(key)} was changed by another writer "
                     f"(expected {'no object' if etag is None else 'ETag ' + etag[:12]}): this writer stops"
                 )
-            self.put_bytes(key, data)
+            self._atomic_write(key, _bytes_writer(data))
             return hashlib.sha256(data).hexdigest()
 
 
