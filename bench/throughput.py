@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": [
             {"case": r.case, "seq_len": r.seq_len, "batch": r.batch, "impl": r.impl, "tokens_per_step": r.tokens,
-             "step_s": r.step_s, "first_step_timed": r.first_step_timed, "median_tok_s": r.tok_s("median"), "best_tok_s": r.tok_s("best"), "error": r.error}
+             "step_s": r.step_s, "first_step_timed": r.first_step_timed, "median_tok_s": r.tok_s("median"),
+             "best_tok_s": r.tok_s("best"), "error": r.error}
             for r in results
         ],
         "summary": speed,

@@ -59,7 +59,8 @@ class MambaConfig:
                 raise ModelError(f"model.{name} must be an integer (got {value!r})")
             if value <= 0:
                 raise ModelError(f"model.{name} must be > 0 (got {value})")
-        if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int) or self.dt_rank <= 0):
+        rank = self.dt_rank
+        if rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
             raise ModelError(f"model.dt_rank must be 'auto' or an integer > 0 (got {self.dt_rank!r})")
         for name in ("layer_norm_epsilon", "dt_min", "dt_max", "dt_scale", "dt_init_floor", "initializer_range"):
             if not getattr(self, name) > 0:

@@ -52,7 +52,7 @@ class _Chunk:
 
 class _FusedMixer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, chunk):  # type: ignore[override]
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A, D, out_proj_w, chunk):  # type: ignore
         bsz, length, two_d = xz.shape
         d_inner = two_d // 2
         dims = (d_inner, dt_proj_w.shape[1], A.shape[1])
