@@ -227,10 +227,18 @@ def test_racing_first_commits_exactly_one_wins(store_url: str, tmp_path: Path) -
         except FencedError:
             outcomes.append("fenced")
     assert sorted(outcomes) == ["fenced", "won"]
-    winner = (sa, sb)[outcomes.index("won")]
-    fresh = build(seed=winner["sampler"].seed)
-    manager(store_url, tmp_path).restore(fresh)
-    assert same(weights(fresh), weights(winner))
+    assert read_latest(open_store(store_url))["writer_id"] == "ab"[outcomes.index("won")]
+    # The step restores consistently (every file verified) to one writer's state. Which one is not
+    # fixed: the loser may replace the winner's manifest before it is fenced (docs/checkpoints.md).
+    restored = []
+    for candidate in (sa, sb):
+        fresh = build(seed=candidate["sampler"].seed)
+        try:
+            manager(store_url, tmp_path).restore(fresh)
+        except CheckpointError:
+            continue  # the other writer's sampler seed
+        restored.append(same(weights(fresh), weights(candidate)))
+    assert restored == [True]
 
 
 def test_manifest_left_by_a_dead_writer_is_replaced(tmp_path: Path) -> None:

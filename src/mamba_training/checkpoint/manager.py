@@ -176,7 +176,9 @@ def verify_checkpoint(store: Store, step: int, cache_dir: str | Path | None = No
     """
     prefix = step_prefix(step)
     try:
-        manifest = _parse_manifest(store.get_bytes(f"{prefix}/{MANIFEST}"), store, step)
+        raw = store.get_bytes(f"{prefix}/{MANIFEST}")
+        manifest = _parse_manifest(raw, store, step)
+        manifest["sha256"] = hashlib.sha256(raw).hexdigest()
     except NotFound:
         raise CheckpointError(f"checkpoint {store.describe(prefix)} has no manifest: it was never committed") from None
     paths: dict[str, Path] = {}
@@ -534,6 +536,10 @@ class CheckpointManager:
                     raise
                 log.warning("skipping checkpoint step %d: %s", candidate, error)
                 continue
+            if pointer is not None and pointer["step"] == candidate and pointer.get("manifest_sha256") not in (
+                    None, manifest["sha256"]):
+                log.warning("the manifest of %s was replaced after it was committed (two writers saved step %d "
+                            "at once); restoring the replacement, which verifies", where, candidate)
             state_io.check_shapes(manifest.get("model_shapes", {}), state_io.model_shapes(app_state), where)
             tree, tensors = load_verified(manifest, paths, where)
             state_io.apply(app_state, tree, tensors, where)
