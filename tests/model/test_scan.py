@@ -111,3 +111,46 @@ def test_unknown_scan_name_lists_the_valid_ones():
 def test_cuda_scan_on_cpu_tensors_is_a_clear_error():
     with pytest.raises(ModelError, match="'cuda' needs a GPU and the mamba_ssm package"):
         get_scan("cuda", "cpu")
+
+
+def _selective_scan_ref_bdl(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba_ssm's selective_scan_ref, in its own (batch, channels, time) layout, variable B and C."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None]
+    if delta_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x = A.new_zeros(u.shape[0], A.shape[0], A.shape[1])
+    ys = []
+    for i in range(u.shape[2]):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    out = torch.stack(ys, dim=2)
+    out = out if D is None else out + u * D[..., None]
+    return out if z is None else out * torch.nn.functional.silu(z)
+
+
+def test_cuda_backend_hands_mamba_ssm_its_channel_first_layout(monkeypatch: pytest.MonkeyPatch):
+    """No GPU here: a stand-in module with mamba_ssm's interface checks what cuda_scan passes it."""
+    import sys
+    import types
+
+    from mamba_training.model.scan.cuda import cuda_scan
+
+    calls = []
+
+    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kw):
+        calls.append((u.shape, B.shape, delta_softplus))
+        return _selective_scan_ref_bdl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = selective_scan_fn
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
+
+    inputs = make_inputs(2, 9, 5, 3)
+    out = cuda_scan(**inputs)
+    assert calls == [((2, 5, 9), (2, 3, 9), True)]
+    torch.testing.assert_close(out, reference_scan(**inputs), rtol=1e-10, atol=1e-10)
