@@ -16,195 +16,42 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import shutil
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mamba_training.checkpoint import state as state_io
-from mamba_training.checkpoint.store import NotFound, Store, open_store, sha256_file
+from mamba_training.checkpoint.protocol import (
+    FORMAT_VERSION,
+    LATEST,
+    MANIFEST,
+    CheckpointPolicy,
+    CheckpointSummary,
+    CommitInfo,
+    ProgressFactory,
+    RestoreInfo,
+    apply_retention,
+    cache_name,
+    default_writer_id,
+    list_checkpoints,
+    parse_pointer,
+    read_latest,
+    retention_plan,
+    step_prefix,
+    utc_now,
+    verify_checkpoint,
+)
+from mamba_training.checkpoint.store import Store, open_store, sha256_file
 from mamba_training.errors import CheckpointError, FencedError, StoreError
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-LATEST = "latest.json"
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^checkpoints/step_(\d{8})/")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # manifest file names: no paths, no '..'
-
-# progress(description, total_bytes) -> advance(bytes_just_done); the CLI passes rich bars in.
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
-
-
-def step_prefix(step: int) -> str:
-    return f"{CHECKPOINTS}/step_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    every_steps: int = 100
-    every_minutes: float | None = None
-    keep_last: int = 3
-    keep_every: int = 0
-
-
-@dataclass(frozen=True)
-class CommitInfo:
-    step: int
-    tokens_seen: int
-    path: str
-    bytes: int
-    seconds: float  # from the start of save() to latest.json committed
-    stall_seconds: float  # how long training was blocked: snapshot + optimizer step held for the copy
-
-
-@dataclass(frozen=True)
-class RestoreInfo:
-    step: int
-    tokens_seen: int
-    path: str
-    world_size: int
-    seconds: float
-    writer_id: str
-
-
-@dataclass(frozen=True)
-class CheckpointSummary:
-    step: int
-    path: str
-    committed: bool  # has a manifest that parses
-    latest: bool
-    bytes: int
-    manifest: dict[str, Any] | None
-
-
-def default_writer_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _utc() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _cache_name(store: Store) -> str:
-    return hashlib.sha256(store.url.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- reading
-def read_latest(store: Store) -> dict[str, Any] | None:
-    """The parsed `latest.json`, or None when it is missing or unreadable."""
-    found = store.read_with_etag(LATEST)
-    return _parse_pointer(found[0]) if found else None
-
-
-def _parse_pointer(data: bytes) -> dict[str, Any] | None:
-    try:
-        pointer = json.loads(data)
-        pointer["step"] = int(pointer["step"])
-        return pointer
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def list_checkpoints(store: Store) -> list[CheckpointSummary]:
-    """Every checkpoint folder in the store, newest first, with its manifest when committed."""
-    sizes: dict[int, int] = {}
-    has_manifest: set[int] = set()
-    for obj in store.list(CHECKPOINTS + "/"):
-        match = _STEP_DIR.match(obj.key)
-        if not match:
-            continue
-        step = int(match.group(1))
-        sizes[step] = sizes.get(step, 0) + obj.size
-        if obj.key == f"{step_prefix(step)}/{MANIFEST}":
-            has_manifest.add(step)
-    latest = read_latest(store)
-    out = []
-    for step in sorted(sizes, reverse=True):
-        manifest = None
-        if step in has_manifest:
-            try:
-                manifest = _parse_manifest(store.get_bytes(f"{step_prefix(step)}/{MANIFEST}"), store, step)
-            except (CheckpointError, NotFound):
-                manifest = None
-        out.append(CheckpointSummary(step, step_prefix(step), manifest is not None,
-                                     latest is not None and latest["step"] == step, sizes[step], manifest))
-    return out
-
-
-def _parse_manifest(data: bytes, store: Store, step: int) -> dict[str, Any]:
-    where = store.describe(f"{step_prefix(step)}/{MANIFEST}")
-    try:
-        manifest = json.loads(data)
-        files = manifest["files"]
-        names = [manifest["tensors"], manifest["tree"]]
-        if int(manifest["step"]) != step:
-            raise CheckpointError(f"checkpoint manifest {where} is for step {manifest['step']}, not {step}")
-        for name, meta in files.items():
-            int(meta["size"]), str(meta["sha256"])
-            if not _FILE_NAME.match(name):
-                raise CheckpointError(f"checkpoint manifest {where} names a bad file {name!r}")
-        if any(name not in files for name in names):
-            raise CheckpointError(f"checkpoint manifest {where} does not list its state files")
-    except CheckpointError:
-        raise
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint manifest {where} is corrupt") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {where} has format {manifest.get('format_version')}, "
-                              f"this version reads {FORMAT_VERSION}")
-    return manifest
-
-
-def verify_checkpoint(store: Store, step: int, cache_dir: str | Path | None = None,
-                      progress: ProgressFactory | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Fetch a checkpoint's files (if remote) and check each one's size and sha256 against the manifest.
-
-    Returns (manifest, {file name: local path}); raises CheckpointError naming the bad object.
-    Nothing is deserialized here: this is what stands between the store and safetensors/JSON.
-    """
-    prefix = step_prefix(step)
-    try:
-        raw = store.get_bytes(f"{prefix}/{MANIFEST}")
-        manifest = _parse_manifest(raw, store, step)
-        manifest["sha256"] = hashlib.sha256(raw).hexdigest()
-    except NotFound:
-        raise CheckpointError(f"checkpoint {store.describe(prefix)} has no manifest: it was never committed") from None
-    paths: dict[str, Path] = {}
-    for name, meta in manifest["files"].items():
-        key = f"{prefix}/{name}"
-        size, digest = int(meta["size"]), str(meta["sha256"])
-        local = store.local_path(key)
-        if local is None:
-            if cache_dir is None:
-                raise CheckpointError(f"no cache folder to download {store.describe(key)} into")
-            local = Path(cache_dir) / _cache_name(store) / prefix / name
-            if not (local.is_file() and local.stat().st_size == size and sha256_file(local) == digest):
-                advance = progress(f"download {name}", size) if progress else None
-                try:
-                    store.get_file(key, local, progress=advance)
-                except NotFound:
-                    raise CheckpointError(f"checkpoint file {store.describe(key)} is missing") from None
-        if not local.is_file():
-            raise CheckpointError(f"checkpoint file {store.describe(key)} is missing")
-        actual = local.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"checkpoint file {store.describe(key)} is {actual} bytes, manifest says {size}")
-        if sha256_file(local) != digest:
-            raise CheckpointError(f"checkpoint file {store.describe(key)} fails its sha256 check")
-        paths[name] = local
-    return manifest, paths
 
 
 def load_verified(manifest: dict[str, Any], paths: dict[str, Path],
@@ -416,7 +263,7 @@ class CheckpointManager:
             "world_size": self.world_size,
             "config_hash": self.config_hash,
             "writer_id": self.writer_id,
-            "time": _utc(),
+            "time": utc_now(),
             "tensors": names["tensors"],
             "tree": names["tree"],
             "files": files,
@@ -438,7 +285,7 @@ class CheckpointManager:
         if not self._etag_known:
             self._etag, self._etag_known = etag, True
         elif etag != self._etag:
-            pointer = _parse_pointer(current[0]) if current else None
+            pointer = parse_pointer(current[0]) if current else None
             who = f"step {pointer['step']} by {pointer.get('writer_id', '?')}" if pointer else "another writer"
             raise FencedError(f"{self.store.describe(LATEST)} was advanced to {who}: this writer stops")
 
@@ -464,7 +311,7 @@ class CheckpointManager:
             "path": step_prefix(step),
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
             "writer_id": self.writer_id,
-            "time": _utc(),
+            "time": utc_now(),
         }
         self._etag = self.store.put_if(LATEST, json.dumps(pointer).encode(), self._etag)
 
@@ -475,28 +322,10 @@ class CheckpointManager:
         mid-save) are removed too.
         """
         try:
-            summaries = list_checkpoints(self.store)
-            committed = [s.step for s in summaries if s.committed]
-            keep = set(sorted(committed, reverse=True)[: max(1, self.policy.keep_last)]) | {newest}
-            if self.policy.keep_every:
-                keep |= {s for s in committed if s % self.policy.keep_every == 0}
-            doomed = {s.step for s in summaries if s.step not in keep and (s.committed or s.step < newest)}
-            manifests = {s.step: s.manifest for s in summaries if s.manifest is not None}
-            keys = []
-            for obj in self.store.list(CHECKPOINTS + "/"):
-                match = _STEP_DIR.match(obj.key)
-                if not match:
-                    continue
-                step, name = int(match.group(1)), obj.key.rsplit("/", 1)[-1]
-                stray = step < newest and step in manifests and name != MANIFEST and name not in manifests[step]["files"]
-                if step in doomed or stray:
-                    keys.append(obj.key)
-            if not keys:
-                return
-            # Manifests go first so a half-deleted checkpoint is never mistaken for a committed one.
-            keys.sort(key=lambda k: not k.endswith("/" + MANIFEST))
-            self.store.delete(keys)
-            log.debug("retention removed checkpoints %s", sorted(doomed))
+            plan = retention_plan(self.store, self.policy.keep_last, self.policy.keep_every, newest)
+            apply_retention(self.store, plan)
+            if plan.steps:
+                log.debug("retention removed checkpoints %s", plan.steps)
         except Exception as error:  # retention is housekeeping: never fail a commit over it
             log.warning("checkpoint retention failed: %s", error)
 
@@ -523,7 +352,7 @@ class CheckpointManager:
         started = time.monotonic()
         found = self.store.read_with_etag(LATEST)
         self._etag, self._etag_known = (found[1] if found else None), True
-        pointer = _parse_pointer(found[0]) if found else None
+        pointer = parse_pointer(found[0]) if found else None
         candidates = [step] if step is not None else self._candidates(pointer, found is not None)
         if not candidates:
             return None
