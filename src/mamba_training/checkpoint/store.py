@@ -11,6 +11,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -256,12 +257,15 @@ def _client_error_code(error: Exception) -> tuple[str, int]:
     response = getattr(error, "response", {}) or {}
     code = str(response.get("Error", {}).get("Code", ""))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if not code:  # boto3's S3UploadFailedError wraps the ClientError in its message only
+        found = re.search(r"An error occurred \((\w+)\)", str(error))
+        code = found.group(1) if found else ""
     return code, status
 
 
 class S3Store(Store):
     def __init__(self, bucket: str, prefix: str, region: str | None = None, profile: str | None = None,
-                 part_size: int = 16 * _CHUNK, concurrency: int = 8) -> None:
+                 part_size: int = 16 * _CHUNK, concurrency: int = 8, max_attempts: int = 8) -> None:
         from boto3.s3.transfer import TransferConfig
 
         from mamba_training.aws.session import client
@@ -269,8 +273,10 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self._client = client("s3", region=region, profile=profile,
-                              max_pool_connections=32, connect_timeout=5, read_timeout=60)
+        # botocore's standard retry mode retries throttling, 5xx and dropped connections with
+        # exponential backoff; a checkpoint upload is worth a few more attempts than the default.
+        self._client = client("s3", region=region, profile=profile, max_pool_connections=32, connect_timeout=5,
+                              read_timeout=60, retries={"mode": "standard", "max_attempts": max_attempts})
         # Files above one part go up as a multipart upload, `concurrency` parts at a time.
         self._transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
                                         max_concurrency=concurrency, use_threads=True)
@@ -281,6 +287,7 @@ class S3Store(Store):
     def _error(self, error: Exception, key: str) -> StoreError:
         from botocore.exceptions import (
             ConnectionClosedError,
+            ConnectTimeoutError,
             EndpointConnectionError,
             NoCredentialsError,
             PartialCredentialsError,
@@ -290,7 +297,7 @@ class S3Store(Store):
         where = self.describe(key) if key else self.url
         if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
             return StoreUrlError(f"no AWS credentials found for {where} (set AWS_PROFILE or AWS_ACCESS_KEY_ID)")
-        if isinstance(error, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError)):
+        if isinstance(error, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)):
             return StoreError(f"cannot reach S3 for {where}: {error}")
         code, status = _client_error_code(error)
         if code == "NoSuchBucket":
@@ -299,7 +306,8 @@ class S3Store(Store):
             return NotFound(f"{where} does not exist")
         if code in ("AccessDenied", "403", "Forbidden") or status == 403:
             return StoreError(f"access denied to {where}")
-        return StoreError(f"S3 error on {where}: {code or type(error).__name__} {str(error).splitlines()[0]}")
+        text = " ".join(str(error).split())
+        return StoreError(f"S3 error on {where}: {text or code or type(error).__name__}")
 
     def _call(self, key: str, fn, *args, **kwargs):
         try:
