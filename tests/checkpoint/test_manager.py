@@ -181,14 +181,14 @@ def test_async_save_reports_background_failure_and_keeps_the_previous_commit(tmp
     mgr = manager(url, tmp_path)
     state = build()
     save_steps(mgr, state, [1])
-    original = mgr.store.put_file
-    mgr.store.put_file = lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    original = mgr.store.put_bytes
+    mgr.store.put_bytes = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("the store broke"))
     train(state, 1)
     mgr.save(2, 8, state)
-    with pytest.raises(CheckpointError, match="checkpoint step 2 failed"):
+    with pytest.raises(CheckpointError, match="checkpoint step 2 failed: RuntimeError: the store broke"):
         mgr.flush()
     assert read_latest(open_store(url))["step"] == 1
-    mgr.store.put_file = original
+    mgr.store.put_bytes = original
     mgr.save(2, 8, state)  # the failure was reported once; the next save works
     assert mgr.flush().step == 2
 

@@ -112,8 +112,8 @@ def test_full_local_disk_is_a_clear_error_and_earlier_checkpoints_stay_intact(ti
     mgr.flush()
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     filler = tiny_disk / "filler"
-    with open(filler, "wb") as fh:  # leave ~40 KiB: less than one checkpoint (~50 KiB)
-        fh.write(b"\0" * (os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize - 40 * 1024))
+    with open(filler, "wb") as fh:  # leave 8 KiB: less than one checkpoint (~25 KiB)
+        fh.write(b"\0" * (os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize - 8 * 1024))
     train(state, 1)
     mgr.save(2, 8, state)
     with pytest.raises(StoreError, match="no space left on device|No space left on device"):

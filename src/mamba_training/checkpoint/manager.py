@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import threading
 import time
 import uuid
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mamba_training.checkpoint import state as state_io
 from mamba_training.checkpoint.protocol import (
@@ -38,7 +37,6 @@ from mamba_training.checkpoint.protocol import (
     ProgressFactory,
     RestoreInfo,
     apply_retention,
-    cache_name,
     default_writer_id,
     list_checkpoints,
     parse_pointer,
@@ -48,7 +46,7 @@ from mamba_training.checkpoint.protocol import (
     utc_now,
     verify_checkpoint,
 )
-from mamba_training.checkpoint.store import Store, open_store, sha256_file
+from mamba_training.checkpoint.store import Store, open_store
 from mamba_training.errors import CheckpointError, FencedError, StoreError
 
 log = logging.getLogger(__name__)
@@ -213,10 +211,11 @@ class CheckpointManager:
     def _run_job(self, job: _Job) -> None:
         try:
             try:
-                job.snap.copy(self._buffers)
+                data = job.snap.serialize(self._buffers.get("tensors"))
+                self._buffers["tensors"] = data
             finally:
                 self._copied.set()  # never leave an optimizer waiting, even when the copy failed
-            commit = self._write_and_commit(job)
+            commit = self._write_and_commit(job, memoryview(data.numpy()))
             self._last_commit = commit
             log.info("checkpoint step %d committed in %.2fs (%d bytes, training blocked %.3fs)",
                      job.step, commit.seconds, commit.bytes, commit.stall_seconds)
@@ -229,33 +228,23 @@ class CheckpointManager:
             self._error = error if isinstance(error, (StoreError, CheckpointError)) else \
                 CheckpointError(f"checkpoint step {job.step} failed: {type(error).__name__}: {error}")
 
-    def _stage(self, job: _Job, staging: Path) -> dict[str, str]:
-        token = uuid.uuid4().hex[:12]
-        names = {"tensors": f"state-{token}.safetensors", "tree": f"state-{token}.json"}
-        try:
-            staging.mkdir(parents=True, exist_ok=True)
-            save_file(job.snap.tensors, str(staging / names["tensors"]))
-            (staging / names["tree"]).write_text(json.dumps(job.snap.tree))
-        except (OSError, RuntimeError) as error:  # safetensors reports a full disk as an IoError
-            text = getattr(error, "strerror", None) or str(error)
-            raise StoreError(f"cannot stage checkpoint step {job.step} in {staging}: {text}") from None
-        return names
-
-    def _write_and_commit(self, job: _Job) -> CommitInfo:
+    def _write_and_commit(self, job: _Job, tensors: memoryview) -> CommitInfo:
+        """Upload the data (hashing it alongside), then the manifest, then move latest.json."""
         prefix = step_prefix(job.step)
-        staging = self.cache_dir / "staging" / f"{job.step:08d}-{uuid.uuid4().hex}"
-        shutil.rmtree(staging, ignore_errors=True)
-        files: dict[str, dict[str, Any]] = {}
+        token = uuid.uuid4().hex[:12]
+        tree = json.dumps(job.snap.tree).encode()
+        blobs = {f"state-{token}.safetensors": tensors, f"state-{token}.json": memoryview(tree)}
+        digests: dict[str, str] = {}
+        hasher = threading.Thread(target=lambda: digests.update(
+            {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}), daemon=True)
+        hasher.start()  # hashlib releases the GIL: the hash costs no time next to the upload
         try:
-            names = self._stage(job, staging)
-            for name in names.values():
-                path = staging / name
-                size = path.stat().st_size
-                files[name] = {"size": size, "sha256": sha256_file(path)}
-                advance = self.progress(f"upload {name}", size) if self.progress else None
-                self.store.put_file(f"{prefix}/{name}", path, progress=advance)
+            for name, blob in blobs.items():
+                advance = self.progress(f"upload {name}", blob.nbytes) if self.progress else None
+                self.store.put_bytes(f"{prefix}/{name}", blob, progress=advance)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            hasher.join()
+        names = list(blobs)
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": job.step,
@@ -264,9 +253,9 @@ class CheckpointManager:
             "config_hash": self.config_hash,
             "writer_id": self.writer_id,
             "time": utc_now(),
-            "tensors": names["tensors"],
-            "tree": names["tree"],
-            "files": files,
+            "tensors": names[0],
+            "tree": names[1],
+            "files": {name: {"size": blob.nbytes, "sha256": digests[name]} for name, blob in blobs.items()},
             "model_shapes": job.shapes,
             "config": self.config,
         }
@@ -274,7 +263,7 @@ class CheckpointManager:
         self._check_not_fenced()
         self._write_manifest(job.step, manifest_bytes)
         self._advance_latest(job.step, manifest_bytes)
-        total = sum(f["size"] for f in files.values()) + len(manifest_bytes)
+        total = sum(blob.nbytes for blob in blobs.values()) + len(manifest_bytes)
         return CommitInfo(job.step, job.tokens_seen, prefix, total, time.monotonic() - job.started,
                           job.stall + self._held)
 

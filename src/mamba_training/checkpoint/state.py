@@ -13,12 +13,15 @@ by the same call. Those calls need no process group for an unsharded model.
 
 Capture is split in two so that training blocks as little as possible: small objects (counters,
 RNG, scheduler, sampler) are copied at once; model and optimizer tensors are only *referenced*
-and copied later by `Snapshot.copy()` (in the save thread). They change only inside
-`optimizer.step()`, which the manager holds until the copy is done.
+and copied later by `Snapshot.serialize()` (in the save thread), straight into the bytes of the
+safetensors file. They change only inside `optimizer.step()`, which the manager holds until
+that copy is done.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +67,13 @@ def _state_dict(obj: Any, model: nn.Module | None) -> Any:
     return obj.state_dict()
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 @dataclass
 class Snapshot:
     """A checkpoint's content: the JSON tree, tensors already copied, and tensors still to copy."""
@@ -72,24 +82,51 @@ class Snapshot:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def copy(self, buffers: dict[str, torch.Tensor] | None = None) -> None:
-        """Copy the pending (live) tensors to CPU memory, reusing `buffers` of the same shape."""
-        buffers = {} if buffers is None else buffers
-        for path, live in self.pending.items():
-            buf = buffers.get(path)
-            if buf is None or buf.shape != live.shape or buf.dtype != live.dtype:
-                buf = torch.empty(live.shape, dtype=live.dtype, pin_memory=live.is_cuda)
-                buffers[path] = buf
-            buf.copy_(live.detach())
-            self.tensors[path] = buf
+    def serialize(self, reuse: torch.Tensor | None = None) -> torch.Tensor:
+        """The safetensors file as one uint8 CPU tensor, each tensor copied straight into its slot.
+
+        This is the save's only full copy of the state (from the GPU too, into pinned memory), so
+        it doubles as the snapshot: after it, training may change the live tensors. `reuse`, a
+        buffer from an earlier save of the same size, avoids allocating and faulting in new pages.
+        The layout is plain safetensors (8-byte header length, JSON header, data), which
+        safetensors.torch.load_file reads back; tensors are ordered by element size so every
+        slot is aligned for its dtype.
+        """
+        everything = {**self.tensors, **self.pending}
+        header: dict[str, Any] = {}
+        offset = 0
+        for name in sorted(everything, key=lambda n: (-everything[n].element_size(), n)):
+            t = everything[name]
+            if t.dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"cannot save tensor {name}: dtype {t.dtype} has no safetensors type")
+            size = t.numel() * t.element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        start = 8 + len(raw)
+        pinned = any(t.is_cuda for t in everything.values())
+        if reuse is not None and reuse.numel() == start + offset:
+            out = reuse
+        else:
+            out = torch.empty(start + offset, dtype=torch.uint8, pin_memory=pinned)
+        out[:start] = torch.frombuffer(bytearray(struct.pack("<Q", len(raw)) + raw), dtype=torch.uint8)
+        for name, t in everything.items():
+            begin, end = header[name]["data_offsets"]
+            if end > begin:
+                out[start + begin:start + end].view(t.dtype).view(t.shape).copy_(t.detach())
         self.pending = {}
+        self.tensors = {}
+        return out
 
 
 def snapshot(app_state: dict[str, Any], defer_large: bool = False) -> Snapshot:
     """Encode every object's state; copy small tensors now, model/optimizer ones now or later.
 
     With `defer_large`, model and optimizer tensors stay references in `pending` until
-    `Snapshot.copy()`; the caller must keep them unchanged until then.
+    `Snapshot.serialize()`; the caller must keep them unchanged until then.
     """
     snap = Snapshot(tree={})
     model = find_model(app_state)

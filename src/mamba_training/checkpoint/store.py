@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -65,7 +66,8 @@ class Store(ABC):
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_bytes(self, key: str, data: bytes | memoryview, progress: Progress | None = None) -> None:
+        """Write a whole object from memory (large ones go up in parallel parts on S3)."""
 
     @abstractmethod
     def put_file(self, key: str, local_path: Path, progress: Progress | None = None) -> None: ...
@@ -111,13 +113,44 @@ def _disk_error(error: OSError, where: str) -> StoreError:
     return StoreError(f"cannot write {where}: {error.strerror or error}")
 
 
-def _bytes_writer(data: bytes) -> Callable[[int], None]:
+def _bytes_writer(data: bytes | memoryview, progress: Progress | None = None) -> Callable[[int], None]:
     def write(fd: int) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         while view:
-            view = view[os.write(fd, view[:_CHUNK]):]
+            done = os.write(fd, view[:_CHUNK])
+            view = view[done:]
+            if progress:
+                progress(done)
 
     return write
+
+
+class _MemoryReader(io.RawIOBase):
+    """A seekable file over a memoryview, so s3transfer uploads from memory without a copy of it all."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        buffer[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
 
 
 class LocalStore(Store):
@@ -162,8 +195,8 @@ class LocalStore(Store):
         except OSError as error:
             raise _disk_error(error, self.describe(key)) from None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, _bytes_writer(data))
+    def put_bytes(self, key: str, data: bytes | memoryview, progress: Progress | None = None) -> None:
+        self._atomic_write(key, _bytes_writer(data, progress))
 
     def put_file(self, key: str, local_path: Path, progress: Progress | None = None) -> None:
         source = Path(local_path)
@@ -328,8 +361,15 @@ class S3Store(Store):
         response = self._call(key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
         return self._call(key, response["Body"].read)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(key, self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+    def put_bytes(self, key: str, data: bytes | memoryview, progress: Progress | None = None) -> None:
+        size = memoryview(data).nbytes
+        if size >= self._transfer.multipart_threshold:
+            self._call(key, self._client.upload_fileobj, _MemoryReader(data), self.bucket, self._key(key),
+                       Config=self._transfer, Callback=progress)
+            return
+        self._call(key, self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=bytes(data))
+        if progress:
+            progress(size)
 
     def put_file(self, key: str, local_path: Path, progress: Progress | None = None) -> None:
         self._call(key, self._client.upload_file, str(local_path), self.bucket, self._key(key),
