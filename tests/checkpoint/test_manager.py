@@ -171,7 +171,7 @@ def test_retention_keeps_last_k_and_every_mth_and_drops_stale_incomplete(tmp_pat
     store.put_bytes("checkpoints/step_00000002/state-dead.safetensors", b"left by a killed writer")
     mgr = manager(url, tmp_path, policy=CheckpointPolicy(every_steps=1, keep_last=2, keep_every=4))
     save_steps(mgr, build(), [1, 3, 4, 5, 6, 7])
-    mgr.flush()
+    mgr.close()  # retention runs after the commit; close() waits for it
     assert sorted(s.step for s in list_checkpoints(store)) == [4, 6, 7]
     assert all(s.committed for s in list_checkpoints(store))
 

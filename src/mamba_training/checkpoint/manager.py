@@ -113,8 +113,10 @@ class CheckpointManager:
         self._fenced: FencedError | None = None
         self._last_commit: CommitInfo | None = None
         self._last_save_time = time.monotonic()
-        self._copied = threading.Event()
+        self._copied = threading.Event()  # the in-flight save has copied the state
         self._copied.set()
+        self._settled = threading.Event()  # the in-flight save has committed or failed
+        self._settled.set()
         self._held = 0.0  # seconds optimizer steps waited for the current snapshot copy
         self._hooks: dict[int, Any] = {}
         self._buffers: dict[str, torch.Tensor] = {}
@@ -155,6 +157,7 @@ class CheckpointManager:
         if defer:
             self._guard(app_state)
         job = _Job(step, tokens_seen, snap, state_io.model_shapes(app_state), started, time.monotonic() - started)
+        self._settled.clear()
         if self.async_save:
             self._thread = threading.Thread(target=self._run_job, args=(job,), name=f"checkpoint-{step}", daemon=True)
             self._thread.start()
@@ -177,8 +180,13 @@ class CheckpointManager:
                 self._hooks[id(optim)] = optim.register_step_pre_hook(lambda *_: self.wait_snapshot())
 
     def flush(self, timeout: float | None = None) -> CommitInfo | None:
-        """Wait for the in-flight save; return the newest commit. Raises what a background save hit."""
-        self._wait(timeout)
+        """Wait until the in-flight save is committed (or failed); return the newest commit.
+
+        Raises what a background save hit. Retention may still be running afterwards: it is
+        housekeeping that the next save(), restore() or close() waits for.
+        """
+        if not self._settled.wait(timeout):
+            raise CheckpointError(f"checkpoint save still running after {timeout:.0f}s")
         self._raise_failures()
         return self._last_commit
 
@@ -219,7 +227,6 @@ class CheckpointManager:
             self._last_commit = commit
             log.info("checkpoint step %d committed in %.2fs (%d bytes, training blocked %.3fs)",
                      job.step, commit.seconds, commit.bytes, commit.stall_seconds)
-            self._apply_retention(job.step)
         except FencedError as error:
             log.error("%s", error)
             self._fenced = error
@@ -227,6 +234,10 @@ class CheckpointManager:
             log.error("checkpoint step %d failed: %s", job.step, error)
             self._error = error if isinstance(error, (StoreError, CheckpointError)) else \
                 CheckpointError(f"checkpoint step {job.step} failed: {type(error).__name__}: {error}")
+        finally:
+            self._settled.set()
+        if self._last_commit is not None and self._last_commit.step == job.step and self._fenced is None:
+            self._apply_retention(job.step)
 
     def _write_and_commit(self, job: _Job, tensors: memoryview) -> CommitInfo:
         """Upload the data (hashing it alongside), then the manifest, then move latest.json."""
