@@ -1,0 +1,1 @@
+"""Custom checkov policies for this stack (loaded with --external-checks-dir)."""

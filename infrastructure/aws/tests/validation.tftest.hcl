@@ -1,0 +1,135 @@
+# Plan-time checks with a mocked provider (offline): `terraform test` in infrastructure/aws.
+# Every bad input must stop the plan at the variable or resource that names it.
+
+mock_provider "aws" {
+  mock_data "aws_iam_policy_document" {
+    defaults = {
+      json = "{\"Version\":\"2012-10-17\",\"Statement\":[]}"
+    }
+  }
+
+  mock_data "aws_ssm_parameter" {
+    defaults = {
+      value = "ami-0123456789abcdef0"
+    }
+  }
+
+  mock_data "aws_subnets" {
+    defaults = {
+      ids = ["subnet-0123456789abcdef0"]
+    }
+  }
+}
+
+variables {
+  environment = "dev"
+}
+
+run "defaults_plan" {
+  command = plan
+
+  assert {
+    condition     = aws_autoscaling_group.training.name == "mamba-training-dev-training-asg"
+    error_message = "The group must be named <project>-<environment>-training-asg."
+  }
+
+  assert {
+    condition     = aws_cloudwatch_log_group.training.name == "/aws/ec2/mamba-training-dev/training"
+    error_message = "The log group must be /aws/ec2/<project>-<environment>/training."
+  }
+
+  assert {
+    condition     = aws_launch_template.training.metadata_options[0].http_tokens == "required"
+    error_message = "IMDSv2 must be required."
+  }
+
+  assert {
+    condition     = aws_launch_template.training.image_id == "ami-0123456789abcdef0"
+    error_message = "Without ami_id the AMI comes from the Deep Learning AMI SSM parameter."
+  }
+
+  assert {
+    condition     = data.aws_ssm_parameter.dlami[0].name == "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    error_message = "The default AMI parameter is the Deep Learning AMI's public parameter."
+  }
+
+  assert {
+    condition     = length(aws_vpc_security_group_ingress_rule.ssh_v4) == 0 && length(aws_vpc_security_group_ingress_rule.ssh_v6) == 0
+    error_message = "No inbound rule by default."
+  }
+}
+
+run "public_ssh_needs_opt_in" {
+  command = plan
+
+  variables {
+    allowed_ssh_cidrs = ["0.0.0.0/0"]
+  }
+
+  expect_failures = [aws_security_group.instances]
+}
+
+run "public_ssh_with_opt_in" {
+  command = plan
+
+  variables {
+    allowed_ssh_cidrs = ["0.0.0.0/0", "203.0.113.0/24"]
+    allow_public_ssh  = true
+  }
+
+  assert {
+    condition     = length(aws_vpc_security_group_ingress_rule.ssh_v4) == 2
+    error_message = "With the opt-in both SSH rules exist."
+  }
+}
+
+run "max_below_desired" {
+  command = plan
+
+  variables {
+    max_instances     = 1
+    desired_instances = 2
+  }
+
+  expect_failures = [aws_autoscaling_group.training]
+}
+
+run "bad_instance_type_format" {
+  command = plan
+
+  variables {
+    instance_types = ["g4dn-xlarge"]
+  }
+
+  expect_failures = [var.instance_types]
+}
+
+run "empty_instance_list" {
+  command = plan
+
+  variables {
+    instance_types = []
+  }
+
+  expect_failures = [var.instance_types]
+}
+
+run "negative_price" {
+  command = plan
+
+  variables {
+    max_spot_price = -0.5
+  }
+
+  expect_failures = [var.max_spot_price]
+}
+
+run "p3_needs_own_ami" {
+  command = plan
+
+  variables {
+    instance_types = ["g4dn.2xlarge", "p3.2xlarge"]
+  }
+
+  expect_failures = [aws_launch_template.training]
+}

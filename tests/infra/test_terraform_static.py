@@ -1,0 +1,194 @@
+"""The Terraform stack offline: fmt, init from the local mirror, validate, plan-time validation of bad
+input (terraform test with a mocked provider), checkov with our custom policy, shellcheck, deploy.sh
+argument handling. The stack applied against moto lives in tests/integration/test_terraform_apply.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra.terraform_env import REPO, STACK, initialized_stack, provider_mirror, run, tool
+
+pytestmark = pytest.mark.xdist_group("terraform")
+
+CHECKOV_ARGS = ["--framework", "terraform", "--skip-download", "--output", "json",
+                "--external-checks-dir", str(STACK / "checkov")]
+
+
+def committed_terraform() -> list[Path]:
+    return sorted(p for p in STACK.rglob("*") if p.suffix in (".tf", ".tfvars", ".hcl", ".tftpl")
+                  and ".terraform" not in p.parts and not p.name.endswith("_override.tf"))
+
+
+def test_terraform_files_are_formatted() -> None:
+    result = run([tool("terraform"), "fmt", "-check", "-recursive", "-no-color"], STACK, os.environ.copy(), check=False)
+    assert result.returncode == 0, f"terraform fmt would change: {result.stdout}"
+
+
+def test_init_installs_the_aws_provider_from_the_local_mirror() -> None:
+    stack = initialized_stack()
+    mirror = provider_mirror()
+    assert "hashicorp/aws" in stack.init_output
+    installed = list((stack.dir / ".terraform" / "providers" / "registry.terraform.io" / "hashicorp" / "aws").iterdir())
+    assert len(installed) == 1 and installed[0].name.startswith("5."), installed
+    if mirror is not None:
+        assert "Installed hashicorp/aws" in stack.init_output
+        assert str(mirror) in stack.cli_config.read_text()
+
+
+def test_committed_terraform_names_no_machine_path_or_test_endpoint() -> None:
+    offenders = []
+    for path in committed_terraform():
+        text = path.read_text()
+        for needle in ("/opt/tf-plugins", "127.0.0.1", "localhost", "skip_credentials_validation", "endpoints {"):
+            if needle in text:
+                offenders.append(f"{path.relative_to(REPO)}: {needle}")
+    assert not offenders
+    assert "*_override.tf" in (REPO / ".gitignore").read_text()
+
+
+def test_only_the_aws_provider_and_no_registry_modules() -> None:
+    text = "\n".join(p.read_text() for p in STACK.glob("*.tf"))
+    assert re.findall(r'source\s*=\s*"([^"]+)"', text) == ["hashicorp/aws"]
+    assert 'version = "~> 5.0"' in text
+    assert "module " not in text
+
+
+def test_validate_passes() -> None:
+    result = initialized_stack().tf("validate", "-no-color")
+    assert "The configuration is valid" in result.stdout
+
+
+# Each bad input, the object that must refuse it, and words its message must contain.
+BAD_INPUTS = {
+    "public_ssh_needs_opt_in": ["allowed_ssh_cidrs", "allow_public_ssh"],
+    "max_below_desired": ["desired_instances", "max_instances"],
+    "bad_instance_type_format": ["instance_types", "instance type"],
+    "empty_instance_list": ["instance_types", "at least one"],
+    "negative_price": ["max_spot_price", "positive"],
+    "p3_needs_own_ami": ["instance_types", "p3", "ami_id"],
+}
+
+
+def test_bad_tfvars_fail_at_plan_with_a_message_naming_the_variable() -> None:
+    """Each run of the committed validation.tftest.hcl, expect_failures removed, in a file of its own
+    (terraform test skips the rest of a file after a failure): the bad runs must fail with their
+    message, the good ones still pass. Mocked provider, offline."""
+    stack = initialized_stack()
+    source = (stack.dir / "tests" / "validation.tftest.hcl").read_text()
+    header, *runs = re.split(r"\n(?=run \")", source)
+    names = [re.match(r'run "(\w+)"', block).group(1) for block in runs]
+    assert set(names) >= set(BAD_INPUTS)
+    messages = stack.dir / "messages"
+    messages.mkdir(exist_ok=True)
+    for name, block in zip(names, runs):
+        block = re.sub(r"\n\s*expect_failures = \[[^\]]*\]\n", "\n", block)
+        (messages / f"{name}.tftest.hcl").write_text(f"{header}\n{block}")
+    result = stack.tf("test", "-json", "-test-directory=messages", check=False)
+    assert result.returncode != 0
+    verdicts: dict[str, str] = {}
+    diagnostics: dict[str, str] = {}
+    for line in result.stdout.splitlines():
+        event = json.loads(line)
+        name = Path(event.get("@testfile", "x")).name.removesuffix(".tftest.hcl")
+        if event.get("type") == "test_file" and event["test_file"].get("progress") == "complete":
+            verdicts[name] = event["test_file"]["status"]
+        if event.get("type") == "diagnostic":
+            diag = event["diagnostic"]
+            diagnostics[name] = diagnostics.get(name, "") + f" {diag['summary']} {diag.get('detail', '')}"
+    for name in names:
+        expected = "pass" if name not in BAD_INPUTS else ("fail", "error")
+        assert verdicts.get(name) in expected, f"{name}: {verdicts.get(name)} {diagnostics.get(name, '')}"
+    for name, words in BAD_INPUTS.items():
+        flat = " ".join(diagnostics.get(name, "").split())
+        for word in words:
+            assert word in flat, f"{name}: {word!r} missing from: {flat}"
+
+
+def checkov(directory: Path, *extra: str) -> dict:
+    result = subprocess.run([tool("checkov"), "-d", str(directory), *CHECKOV_ARGS, *extra],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip(), result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    return report[0] if isinstance(report, list) else report
+
+
+def test_checkov_reports_no_failed_checks_and_every_skip_has_a_reason() -> None:
+    report = checkov(STACK)
+    summary = report["summary"]
+    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+    assert summary["failed"] == 0, failed
+    assert summary["passed"] > 50
+    assert any(c["check_id"] == "CKV_MAMBA_1" for c in report["results"]["passed_checks"])
+    for skipped in report["results"]["skipped_checks"]:
+        assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
+
+
+def test_custom_checkov_policy_fails_an_unencrypted_launch_template(tmp_path: Path) -> None:
+    (tmp_path / "main.tf").write_text(
+        'resource "aws_launch_template" "plain" {\n'
+        '  name_prefix = "x-"\n'
+        '  block_device_mappings {\n'
+        '    device_name = "/dev/sda1"\n'
+        '    ebs {\n'
+        '      volume_size = 100\n'
+        '      encrypted   = false\n'
+        '    }\n'
+        '  }\n'
+        '}\n'
+    )
+    report = checkov(tmp_path, "-c", "CKV_MAMBA_1")
+    assert [c["check_id"] for c in report["results"]["failed_checks"]] == ["CKV_MAMBA_1"]
+
+
+def shell_scripts() -> list[Path]:
+    return [STACK / "deploy.sh", *sorted((STACK / "files").glob("*.sh"))]
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = shell_scripts()
+    assert len(scripts) >= 3
+    result = subprocess.run([tool("shellcheck"), "--severity=style", *map(str, scripts)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout
+    for script in scripts:
+        assert "set -euo pipefail" in script.read_text() or "set -uo pipefail" in script.read_text(), script
+
+
+def deploy(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(STACK / "deploy.sh"), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["launch"], "unknown command 'launch'"),
+    (["-e", "staging", "plan"], "unknown environment 'staging'"),
+    ([], "no command given"),
+    (["--frobnicate", "plan"], "unknown option --frobnicate"),
+    (["-r", "mars-1", "plan"], "'mars-1' is not an AWS region"),
+])
+def test_deploy_script_rejects_bad_arguments_with_usage_and_exit_2(args: list[str], culprit: str) -> None:
+    result = deploy(args)
+    assert result.returncode == 2
+    assert culprit in result.stderr
+    assert "usage:" in result.stderr
+
+
+def test_deploy_script_says_when_terraform_is_missing() -> None:
+    result = deploy(["-e", "dev", "plan"], env={"TERRAFORM": "terraform-not-installed"})
+    assert result.returncode == 1
+    assert "terraform not found on PATH: install Terraform" in result.stderr
+
+
+def test_deploy_script_says_when_credentials_are_missing(tmp_path: Path) -> None:
+    env = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    result = deploy(["-e", "prod", "plan"], env=env)
+    assert result.returncode == 1
+    assert "no AWS credentials found" in result.stderr
