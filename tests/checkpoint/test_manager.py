@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def test_restore_then_continue_is_bitwise_identical_to_never_stopping(store_url:
     train(straight, 4)  # the optimizer step waits for the background copy: the checkpoint is step 3
     commit = mgr.flush()
     assert commit is not None and commit.step == 3 and commit.tokens_seen == 12
+    assert 0 < commit.stall_seconds <= commit.seconds and commit.bytes > 0
 
     resumed = build(seed=0)
     info = manager(store_url, tmp_path).restore(resumed)  # empty cache: downloads from S3
@@ -262,6 +264,12 @@ def test_other_ranks_write_nothing_and_policy_by_steps(tmp_path: Path) -> None:
     mgr.save(5, 20, build())
     assert mgr.flush() is None and LocalStore(url).list() == []
     assert [s for s in range(1, 12) if mgr.should_save(s)] == [5, 10]
+    timed = manager(url, tmp_path, policy=CheckpointPolicy(every_steps=0, every_minutes=0.002))
+    assert not timed.should_save(1)
+    time.sleep(0.15)
+    assert timed.should_save(2)
+    timed.save(2, 8, build())
+    assert not timed.should_save(3)  # the clock restarts at each save
 
 
 def test_sync_save_commits_before_returning_and_run_files_upload(store_url: str, tmp_path: Path) -> None:
