@@ -35,19 +35,30 @@ def train(
     is_main = os.environ.get("RANK", "0") == "0"
     show_bar = is_main and not quiet and console.is_terminal
     progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[speed]}"),
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not show_bar,
     )
-    task = progress.add_task("train", total=cfg.train.max_steps, loss="", speed="")
+    task = progress.add_task("train", total=cfg.train.max_steps, detail="")
+    last = {"loss": "", "speed": ""}
 
     def on_progress(p: dict) -> None:
-        fields = {}
         if p.get("tokens_per_s"):
-            fields = {"loss": f"loss {p['loss']:.3f}", "speed": f"{p['tokens_per_s']:,.0f} tok/s"}
-        progress.update(task, completed=p["step"], **fields)
+            last.update(loss=f"loss {p['loss']:.3f}", speed=f"{p['tokens_per_s']:,.0f} tok/s")
+        detail = f"step {p['step']}/{p['max_steps']}  {last['loss']}  {last['speed']}"
+        progress.update(task, completed=p["step"], detail=detail)
 
-    trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None, on_progress=on_progress)
+    def transfer(description: str, total: int):
+        task_id = progress.add_task(description, total=total, detail="")
+
+        def advance(n: int) -> None:
+            progress.advance(task_id, n)
+            done = progress.tasks[task_id].completed
+            progress.update(task_id, detail=f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB")
+
+        return advance
+
+    trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None,
+                      on_progress=on_progress, transfer_progress=transfer)
     with progress:
         result = trainer.run()
     if not is_main:

@@ -130,6 +130,7 @@ class Trainer:
         resume: str = "auto",
         init_from: str | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        transfer_progress: Callable[[str, int], Callable[[int], None]] | None = None,
     ) -> None:
         if resume not in ("auto", "never"):
             raise UsageError(f"--resume must be 'auto' or 'never' (got {resume!r})")
@@ -137,6 +138,7 @@ class Trainer:
         self.resume = resume
         self.init_from = init_from
         self.on_progress = on_progress or (lambda _: None)
+        self.transfer_progress = transfer_progress  # draws the checkpoint download on resume
         self._stop: _StopRequest | None = None
         self._early_save = False
         self._signals_seen = 0
@@ -223,7 +225,11 @@ class Trainer:
         """Continue from the newest committed checkpoint, else start from --init-from or scratch."""
         info = None
         if self.resume == "auto":
-            info = self.checkpoints.restore(self._app_state())
+            self.checkpoints.progress = self.transfer_progress if self.dist.is_main else None
+            try:
+                info = self.checkpoints.restore(self._app_state())
+            finally:
+                self.checkpoints.progress = None  # background uploads draw no bars over training
         else:
             existing = self.checkpoints.last_commit or self.checkpoints.latest()
             if existing is not None:
