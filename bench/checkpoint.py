@@ -90,7 +90,7 @@ def bench_stall(size: str, workdir: Path, saves: int) -> dict:
     store = workdir / f"run-{size}"
     mgr = CheckpointManager(str(store), policy=CheckpointPolicy(keep_last=1), cache_dir=workdir / "cache")
     app = {"model": model, "optimizer": optimizer}
-    stalls, calls, commits = [], [], []
+    stalls, calls, commits, copies = [], [], [], []
     for i in range(saves):
         start = time.perf_counter()
         mgr.save(i + 1, 0, app)
@@ -99,6 +99,7 @@ def bench_stall(size: str, workdir: Path, saves: int) -> dict:
             step(model, optimizer)
         commit = mgr.flush()
         stalls.append(commit.stall_seconds)
+        copies.append(commit.copy_seconds)
         commits.append(commit.seconds)
     mgr.close()
     shutil.rmtree(store, ignore_errors=True)
@@ -110,6 +111,9 @@ def bench_stall(size: str, workdir: Path, saves: int) -> dict:
         "async_save_call_s": [round(x, 4) for x in calls],
         "async_stall_s": [round(x, 4) for x in stalls],
         "async_commit_s": [round(x, 3) for x in commits],
+        # A loop whose forward+backward is shorter than this copy waits for the rest of it:
+        "background_copy_s": [round(x, 4) for x in copies],
+        "copy_pct_of_sync": round(100 * statistics.median(copies[1:] or copies) / statistics.median(sync), 2),
         "stall_pct_of_sync": round(100 * statistics.median(steady) / statistics.median(sync), 2),
         "stall_pct_of_sync_first_save": round(100 * stalls[0] / statistics.median(sync), 2),
     }

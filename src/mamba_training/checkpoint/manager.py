@@ -72,6 +72,7 @@ class _Job:
     shapes: dict[str, list[int]]
     started: float
     stall: float
+    copy: float = 0.0
 
 
 class CheckpointManager:
@@ -218,11 +219,13 @@ class CheckpointManager:
 
     def _run_job(self, job: _Job) -> None:
         try:
+            copy_start = time.monotonic()
             try:
                 data = job.snap.serialize(self._buffers.get("tensors"))
                 self._buffers["tensors"] = data
             finally:
                 self._copied.set()  # never leave an optimizer waiting, even when the copy failed
+            job.copy = time.monotonic() - copy_start
             commit = self._write_and_commit(job, memoryview(data.numpy()))
             self._last_commit = commit
             log.info("checkpoint step %d committed in %.2fs (%d bytes, training blocked %.3fs)",
@@ -276,7 +279,7 @@ class CheckpointManager:
         self._advance_latest(job.step, manifest_bytes)
         total = sum(blob.nbytes for blob in blobs.values()) + len(manifest_bytes)
         return CommitInfo(job.step, job.tokens_seen, prefix, total, time.monotonic() - job.started,
-                          job.stall + self._held)
+                          job.stall + self._held, job.copy)
 
     def _check_not_fenced(self) -> None:
         """Fail before writing a manifest when latest.json moved since this writer last saw it."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mamba_training.checkpoint.store import NotFound, Store, sha256_file
-from mamba_training.errors import CheckpointError, FencedError
+from mamba_training.errors import CheckpointError, FencedError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class CommitInfo:
     bytes: int
     seconds: float  # from the start of save() to latest.json committed
     stall_seconds: float  # how long training was blocked: snapshot + optimizer step held for the copy
+    copy_seconds: float = 0.0  # the background copy into the serialization buffer (the most a step can wait)
 
 
 @dataclass(frozen=True)
@@ -252,17 +253,21 @@ def download_checkpoint(store: Store, step: int | None, dest: str | Path,
                         progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Verify a checkpoint (default: the one latest.json names) into `dest`/, manifest included."""
     if step is None:
-        step = _latest_committed(store)
+        step = latest_committed_step(store)
     dest = Path(dest)
-    manifest, paths = verify_checkpoint(store, step, dest / ".download", progress)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name, path in paths.items():
-        if store.local_path(f"{step_prefix(step)}/{name}") is not None:
-            shutil.copyfile(path, dest / name)
-        else:
-            os.replace(path, dest / name)
-    shutil.rmtree(dest / ".download", ignore_errors=True)
-    (dest / MANIFEST).write_bytes(store.get_bytes(f"{step_prefix(step)}/{MANIFEST}"))
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        manifest, paths = verify_checkpoint(store, step, dest / ".download", progress)
+        for name, path in paths.items():
+            if store.local_path(f"{step_prefix(step)}/{name}") is not None:
+                shutil.copyfile(path, dest / name)
+            else:
+                os.replace(path, dest / name)
+        (dest / MANIFEST).write_bytes(store.get_bytes(f"{step_prefix(step)}/{MANIFEST}"))
+    except OSError as error:  # the destination, not the store: name the local path
+        raise StoreError(f"cannot write {error.filename or dest}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(dest / ".download", ignore_errors=True)
     return manifest
 
 
@@ -308,7 +313,8 @@ def _manifest_step(raw: bytes, src: Path) -> int:
         raise CheckpointError(f"{src / MANIFEST} is corrupt") from None
 
 
-def _latest_committed(store: Store) -> int:
+def latest_committed_step(store: Store) -> int:
+    """The step latest.json names if that checkpoint has a manifest, else the newest that has one."""
     pointer = read_latest(store)
     committed = [s.step for s in list_checkpoints(store) if s.committed]
     if pointer is not None and pointer["step"] in committed:
