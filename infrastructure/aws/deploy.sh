@@ -104,8 +104,11 @@ confirm() {
   [ "${answer}" = "${WORKSPACE}" ] || die "not confirmed"
 }
 
+# `init` and `deploy` always (re)initialize; other commands only when .terraform is missing.
 tf_init() {
-  "${TERRAFORM}" init -input=false
+  if [ "${1:-}" = always ] || [ ! -d .terraform/providers ]; then
+    "${TERRAFORM}" init -input=false
+  fi
   "${TERRAFORM}" workspace select -or-create "${WORKSPACE}"
 }
 
@@ -113,10 +116,10 @@ echo "deploy.sh: ${COMMAND} environment=${ENVIRONMENT} region=${REGION} workspac
 case "${COMMAND}" in
   fmt) "${TERRAFORM}" fmt -recursive ;;
   validate)
-    "${TERRAFORM}" init -input=false -backend=false >/dev/null
+    [ -d .terraform/providers ] || "${TERRAFORM}" init -input=false -backend=false >/dev/null
     "${TERRAFORM}" validate
     ;;
-  init) tf_init ;;
+  init) tf_init always ;;
   plan)
     require_credentials
     tf_init >/dev/null
@@ -124,13 +127,13 @@ case "${COMMAND}" in
     ;;
   apply)
     require_credentials
-    tf_init >/dev/null
     confirm "Apply changes to ${ENVIRONMENT} in ${REGION}?"
+    tf_init >/dev/null
     "${TERRAFORM}" apply -input=false -auto-approve "${VARS[@]}"
     ;;
   deploy)
     require_credentials
-    tf_init >/dev/null
+    tf_init always >/dev/null
     "${TERRAFORM}" validate
     plan_file=".terraform/${WORKSPACE}.tfplan"
     "${TERRAFORM}" plan -input=false -out="${plan_file}" "${VARS[@]}"
@@ -144,8 +147,8 @@ case "${COMMAND}" in
     ;;
   destroy)
     require_credentials
-    tf_init >/dev/null
     confirm "Destroy ${ENVIRONMENT} in ${REGION}, checkpoint bucket included?"
+    tf_init >/dev/null
     "${TERRAFORM}" destroy -input=false -auto-approve "${VARS[@]}"
     ;;
 esac

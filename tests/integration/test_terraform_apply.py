@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ from infra.terraform_env import copy_stack, initialized_stack, run, terraform_en
 from mamba_training.aws.session import client
 from mamba_training.config import build_config
 
-# prod shares the session's initialized stack with tests/infra (group "terraform"); dev runs deploy.sh
-# in its own copy, so it gets its own group and overlaps on the other worker (the provider mostly
-# waits on moto: ~25 s per SQS queue, ~55 s for the lifecycle rules).
+# prod shares the session's initialized stack with tests/infra (group "terraform"). dev and prod are
+# applied and destroyed side by side: the provider mostly waits on moto (~25 s per SQS queue and
+# ~55 s for the lifecycle rules before it believes they are in place).
 pytestmark = pytest.mark.slow
 
 REGION = "us-west-2"
@@ -145,45 +146,88 @@ def deploy_sh(stack: Path, env: dict[str, str], *args: str) -> subprocess.Comple
     return run([str(stack / "deploy.sh"), "-e", "dev", *args], stack, env, check=False)
 
 
-@pytest.mark.xdist_group("terraform_deploy")
-def test_deploy_script_deploys_the_dev_stack_and_destroys_it(aws: str, tmp_path: Path) -> None:
-    tool("terraform")
-    ami = an_ami()
-    c("ssm").put_parameter(Name="/mamba-training/test/ami-id", Value=ami, Type="String")
-    stack = copy_stack(tmp_path / "stack")
-    write_moto_override(stack, aws)
-    env = {**terraform_env(write_cli_config(tmp_path)), "TF_VAR_ami_ssm_parameter_name": "/mamba-training/test/ami-id"}
+def ok(result: subprocess.CompletedProcess[str], what: str) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"{what} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
 
-    validated = deploy_sh(stack, env, "validate")
-    assert validated.returncode == 0 and "The configuration is valid" in validated.stdout, validated.stderr
-    deployed = deploy_sh(stack, env, "deploy", "--yes")
-    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    assert "workspace=dev-us-west-2" in deployed.stderr
-    assert (stack / "terraform.tfstate.d" / "dev-us-west-2" / "terraform.tfstate").is_file()
-    outputs = deploy_sh(stack, env, "outputs")
-    assert outputs.returncode == 0, outputs.stderr
-    values = dict(re.findall(r'^(\w+) = "?([^"\n]*)"?$', outputs.stdout, re.M))
 
-    bucket = values["bucket_name"]
-    assert bucket.startswith("mamba-training-dev-ckpt-")
-    assert values["run_store"] == f"s3://{bucket}/runs/dev"
-    assert values["autoscaling_group_name"] == "mamba-training-dev-training-asg"
-    assert_bucket(bucket)
-    assert_launch_template(values["launch_template_id"], ami)
-    assert_group("dev", ["g4dn.xlarge"], "0.30", (0, 1, 0))
-    assert_role_and_profile("dev")
-    assert_logs_queue_dashboard("dev", retention=14)
-    sg = c("ec2").describe_security_groups(GroupIds=[values["security_group_id"]])["SecurityGroups"][0]
-    assert sg["IpPermissions"] == []  # no inbound rule without allowed_ssh_cidrs
+class Dev:
+    """The dev stack through deploy.sh, in its own copy and workspace, with the AMI from SSM."""
 
-    refused = subprocess.run([str(stack / "deploy.sh"), "-e", "dev", "destroy"], cwd=stack, env=env,
-                             capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    assert refused.returncode == 1 and "pass --yes" in refused.stderr
-    assert c("s3").head_bucket(Bucket=bucket)  # still there
+    def __init__(self, moto_url: str, tmp_path: Path) -> None:
+        self.ami = an_ami()
+        c("ssm").put_parameter(Name="/mamba-training/test/ami-id", Value=self.ami, Type="String")
+        self.stack = copy_stack(tmp_path / "dev-stack")
+        write_moto_override(self.stack, moto_url)
+        self.env = {**terraform_env(write_cli_config(tmp_path)), "TF_VAR_ami_ssm_parameter_name": "/mamba-training/test/ami-id"}
+        self.outputs: dict[str, str] = {}
+        self.refused: subprocess.CompletedProcess[str] | None = None
 
-    destroyed = deploy_sh(stack, env, "destroy", "--yes")
-    assert destroyed.returncode == 0, destroyed.stdout[-3000:] + destroyed.stderr[-3000:]
-    assert_nothing_left("dev")
+    def up(self) -> None:
+        validated = ok(deploy_sh(self.stack, self.env, "validate"), "deploy.sh validate")
+        assert "The configuration is valid" in validated.stdout
+        deployed = ok(deploy_sh(self.stack, self.env, "deploy", "--yes"), "deploy.sh deploy --yes")
+        assert "workspace=dev-us-west-2" in deployed.stderr
+        assert (self.stack / "terraform.tfstate.d" / "dev-us-west-2" / "terraform.tfstate").is_file()
+        shown = ok(deploy_sh(self.stack, self.env, "outputs"), "deploy.sh outputs")
+        self.outputs = dict(re.findall(r'^(\w+) = "?([^"\n]*)"?$', shown.stdout, re.M))
+
+    def down(self) -> None:
+        self.refused = subprocess.run([str(self.stack / "deploy.sh"), "-e", "dev", "destroy"], cwd=self.stack,
+                                      env=self.env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        ok(deploy_sh(self.stack, self.env, "destroy", "--yes"), "deploy.sh destroy --yes")
+
+    def check(self) -> None:
+        values = self.outputs
+        bucket = values["bucket_name"]
+        assert bucket.startswith("mamba-training-dev-ckpt-")
+        assert values["run_store"] == f"s3://{bucket}/runs/dev"
+        assert values["autoscaling_group_name"] == "mamba-training-dev-training-asg"
+        assert_bucket(bucket)
+        assert_launch_template(values["launch_template_id"], self.ami)
+        assert_group("dev", ["g4dn.xlarge"], "0.30", (0, 1, 0))
+        assert_role_and_profile("dev")
+        assert_logs_queue_dashboard("dev", retention=14)
+        sg = c("ec2").describe_security_groups(GroupIds=[values["security_group_id"]])["SecurityGroups"][0]
+        assert sg["IpPermissions"] == []  # no inbound rule without allowed_ssh_cidrs
+
+
+class Prod:
+    """The prod stack through terraform itself, in the session's initialized copy, with ami_id."""
+
+    def __init__(self, moto_url: str, tmp_path: Path) -> None:
+        self.stack = initialized_stack()
+        write_moto_override(self.stack.dir, moto_url)
+        self.ami = an_ami()
+        self.state = str(tmp_path / "prod.tfstate")
+        self.args = ["-input=false", "-no-color", "-var-file=environments/prod.tfvars", f"-var=ami_id={self.ami}",
+                     "-state", self.state]
+        self.outputs: dict = {}
+
+    def up(self) -> None:
+        self.stack.tf("apply", "-auto-approve", *self.args)
+        self.outputs = {k: v["value"] for k, v in json.loads(self.stack.tf("output", "-json", "-state", self.state).stdout).items()}
+
+    def down(self) -> None:
+        self.stack.tf("destroy", "-auto-approve", *self.args)
+
+    def check(self, tmp_path: Path) -> None:
+        assert self.outputs["ami_id"] == self.ami
+        assert_bucket(self.outputs["bucket_name"])
+        data = assert_launch_template(self.outputs["launch_template_id"], self.ami)
+        group = assert_group("prod", ["g4dn.2xlarge", "g4dn.4xlarge", "g5.2xlarge"], "1.00", (0, 8, 2))
+        assert len(group["Instances"]) == 2  # moto launches the desired capacity
+        assert_role_and_profile("prod")
+        assert_logs_queue_dashboard("prod", retention=90)
+        assert len(c("ec2").describe_flow_logs()["FlowLogs"]) == 1
+        check_user_data(base64.b64decode(data["UserData"]).decode(), tmp_path)
+
+
+def in_parallel(*steps) -> None:
+    """Run the steps in threads (the provider mostly waits on moto); re-raise the first failure."""
+    with ThreadPoolExecutor(max_workers=len(steps)) as pool:
+        for future in [pool.submit(step) for step in steps]:
+            future.result()
 
 
 def extract(user_data: str, delimiter: str) -> str:
@@ -245,28 +289,17 @@ def verify_unit(unit: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.xdist_group("terraform")
-def test_prod_stack_applies_with_a_custom_ami_and_destroys_cleanly(aws: str, tmp_path: Path) -> None:
-    stack = initialized_stack()
-    write_moto_override(stack.dir, aws)
-    ami = an_ami()
-    args = ["-input=false", "-no-color", "-var-file=environments/prod.tfvars", f"-var=ami_id={ami}",
-            "-state", str(tmp_path / "prod.tfstate")]
+def test_dev_and_prod_stacks_apply_against_moto_and_destroy_leaves_nothing(aws: str, tmp_path: Path) -> None:
+    dev, prod = Dev(aws, tmp_path), Prod(aws, tmp_path)
     try:
-        stack.tf("apply", "-auto-approve", *args)
-        outputs = json.loads(stack.tf("output", "-json", "-state", str(tmp_path / "prod.tfstate")).stdout)
-        assert outputs["ami_id"]["value"] == ami
-        assert_bucket(outputs["bucket_name"]["value"])
-        data = assert_launch_template(outputs["launch_template_id"]["value"], ami)
-        group = assert_group("prod", ["g4dn.2xlarge", "g4dn.4xlarge", "g5.2xlarge"], "1.00", (0, 8, 2))
-        assert len(group["Instances"]) == 2  # moto launches the desired capacity
-        assert_role_and_profile("prod")
-        assert_logs_queue_dashboard("prod", retention=90)
-        assert len(c("ec2").describe_flow_logs()["FlowLogs"]) == 1
-        check_user_data(base64.b64decode(data["UserData"]).decode(), tmp_path)
-
-        stack.tf("destroy", "-auto-approve", *args)
-        assert_nothing_left("prod")
-        instances = c("ec2").describe_instances()["Reservations"]
-        assert all(i["State"]["Name"] in ("terminated", "shutting-down") for r in instances for i in r["Instances"])
+        in_parallel(dev.up, prod.up)
+        dev.check()
+        prod.check(tmp_path)
+        in_parallel(dev.down, prod.down)
     finally:
-        (stack.dir / "moto_override.tf").unlink(missing_ok=True)
+        (prod.stack.dir / "moto_override.tf").unlink(missing_ok=True)
+    assert dev.refused is not None and dev.refused.returncode == 1 and "pass --yes" in dev.refused.stderr
+    assert_nothing_left("dev")
+    assert_nothing_left("prod")
+    instances = c("ec2").describe_instances()["Reservations"]
+    assert all(i["State"]["Name"] in ("terminated", "shutting-down") for r in instances for i in r["Instances"])
