@@ -12,7 +12,7 @@ COMMANDS=(deploy init plan apply outputs destroy validate fmt)
 
 usage() {
   cat <<USAGE
-usage: $0 [-e dev|prod] [-r REGION] [--yes] COMMAND
+usage: $0 [-e dev|prod] [-r REGION] [--yes] COMMAND [-- TERRAFORM_ARGS...]
 
 commands:
   deploy     init, validate, plan, then apply that plan (asks first unless --yes)
@@ -29,6 +29,7 @@ options:
   -r, --region REGION  AWS region (default: the tfvars' region, else us-west-2)
   -y, --yes            do not ask for confirmation
   -h, --help           show this help
+  -- ARGS              passed on to terraform plan/apply/destroy (e.g. -- -no-color)
 USAGE
 }
 
@@ -54,12 +55,14 @@ ENVIRONMENT=dev
 REGION=""
 YES=0
 COMMAND=""
+EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -e | --env) [ $# -ge 2 ] || die_usage "$1 needs a value"; ENVIRONMENT="$2"; shift 2 ;;
     -r | --region) [ $# -ge 2 ] || die_usage "$1 needs a value"; REGION="$2"; shift 2 ;;
     -y | --yes) YES=1; shift ;;
     -h | --help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
     -*) die_usage "unknown option $1" ;;
     *) [ -z "${COMMAND}" ] || die_usage "one command at a time (got ${COMMAND} and $1)"; COMMAND="$1"; shift ;;
   esac
@@ -85,7 +88,7 @@ if [ -z "${REGION}" ]; then
 fi
 [[ "${REGION}" =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] || die_usage "'${REGION}' is not an AWS region (like us-west-2)"
 WORKSPACE="${ENVIRONMENT}-${REGION}"
-VARS=(-var-file="${VAR_FILE}" -var "region=${REGION}")
+VARS=(-var-file="${VAR_FILE}" -var "region=${REGION}" "${EXTRA[@]}")
 
 require_credentials() {
   if [ -n "${AWS_ACCESS_KEY_ID:-}" ] || [ -n "${AWS_PROFILE:-}" ] || [ -n "${AWS_WEB_IDENTITY_TOKEN_FILE:-}" ] ||
@@ -104,11 +107,9 @@ confirm() {
   [ "${answer}" = "${WORKSPACE}" ] || die "not confirmed"
 }
 
-# `init` and `deploy` always (re)initialize; other commands only when .terraform is missing.
+# Every command initializes: cheap when nothing changed, and it follows a changed backend.
 tf_init() {
-  if [ "${1:-}" = always ] || [ ! -d .terraform/providers ]; then
-    "${TERRAFORM}" init -input=false
-  fi
+  "${TERRAFORM}" init -input=false
   "${TERRAFORM}" workspace select -or-create "${WORKSPACE}"
 }
 
@@ -116,10 +117,10 @@ echo "deploy.sh: ${COMMAND} environment=${ENVIRONMENT} region=${REGION} workspac
 case "${COMMAND}" in
   fmt) "${TERRAFORM}" fmt -recursive ;;
   validate)
-    [ -d .terraform/providers ] || "${TERRAFORM}" init -input=false -backend=false >/dev/null
+    "${TERRAFORM}" init -input=false -backend=false >/dev/null
     "${TERRAFORM}" validate
     ;;
-  init) tf_init always ;;
+  init) tf_init ;;
   plan)
     require_credentials
     tf_init >/dev/null
@@ -133,12 +134,12 @@ case "${COMMAND}" in
     ;;
   deploy)
     require_credentials
-    tf_init always >/dev/null
+    tf_init >/dev/null
     "${TERRAFORM}" validate
     plan_file=".terraform/${WORKSPACE}.tfplan"
     "${TERRAFORM}" plan -input=false -out="${plan_file}" "${VARS[@]}"
     confirm "Apply this plan to ${ENVIRONMENT} in ${REGION}?"
-    "${TERRAFORM}" apply -input=false "${plan_file}"
+    "${TERRAFORM}" apply -input=false "${EXTRA[@]}" "${plan_file}"
     rm -f "${plan_file}"
     ;;
   outputs)

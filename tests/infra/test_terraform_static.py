@@ -192,3 +192,20 @@ def test_deploy_script_says_when_credentials_are_missing(tmp_path: Path) -> None
     result = deploy(["-e", "prod", "plan"], env=env)
     assert result.returncode == 1
     assert "no AWS credentials found" in result.stderr
+
+
+def test_workflows_plan_on_pull_requests_and_deploy_on_main_behind_an_approval_environment() -> None:
+    import yaml
+
+    workflows = REPO / ".github" / "workflows"
+    deploy_wf = yaml.safe_load((workflows / "deploy-training.yml").read_text())
+    triggers = deploy_wf[True] if True in deploy_wf else deploy_wf["on"]  # YAML 1.1 reads `on` as true
+    assert "pull_request" in triggers and triggers["push"]["branches"] == ["main"]
+    plan, deploy_job = deploy_wf["jobs"]["plan"], deploy_wf["jobs"]["deploy"]
+    assert any("deploy.sh" in s.get("run", "") and " plan" in s.get("run", "") for s in plan["steps"])
+    assert deploy_job["needs"] == "plan"
+    assert "pull_request" in deploy_job["if"] and "refs/heads/main" in deploy_job["if"]
+    assert deploy_job["environment"]["name"]  # reviewers on this environment are the approval gate
+    assert any("--yes deploy" in s.get("run", "") for s in deploy_job["steps"])
+    ci = yaml.safe_load((workflows / "ci.yml").read_text())
+    assert any(s.get("run", "").strip() == "make test" for s in ci["jobs"]["test"]["steps"])
