@@ -32,12 +32,13 @@ def _iso(seconds: float) -> str:
 
 
 def price_in_force(instance_type: str, availability_zone: str, lifecycle: str, region: str | None,
-                   profile: str | None = None) -> tuple[float, float, str]:
+                   profile: str | None = None, query_aws: bool = True) -> tuple[float, float, str]:
     """(USD/hour now, on-demand USD/hour, where the price came from) for one instance.
 
     Order: a row in the user's price file; for spot, EC2 spot price history of the AZ (newest
     entry); else the on-demand table. A local run ("local") costs 0 unless the price file lists it.
-    Raises UsageError when no price is known at all.
+    Raises UsageError when no price is known at all. `query_aws=False` (a rehearsal against the
+    IMDS emulator, off EC2) never calls AWS: tables only.
     """
     table = PriceTable.load()
     user = table.user_price(instance_type, region, lifecycle)
@@ -49,7 +50,7 @@ def price_in_force(instance_type: str, availability_zone: str, lifecycle: str, r
     on_demand = on_demand_row.usd_per_hour if on_demand_row else None
     if user is not None:
         return user.usd_per_hour, on_demand if on_demand is not None else user.usd_per_hour, user.source
-    if lifecycle == "spot" and availability_zone not in ("", "local"):
+    if query_aws and lifecycle == "spot" and availability_zone not in ("", "local"):
         try:
             quote = _spot_quote(instance_type, availability_zone, region, profile)
         except AwsError as error:

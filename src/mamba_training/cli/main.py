@@ -6,6 +6,7 @@ stderr and its exit code (2 usage, 1 runtime, 75 preempted); never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -13,7 +14,7 @@ import typer
 
 from mamba_training import __version__
 from mamba_training.cli import checkpoints, costs, fleet, prepare, spot, train
-from mamba_training.errors import EXIT_USAGE, MambaTrainingError
+from mamba_training.errors import EXIT_USAGE, MambaTrainingError, Preempted
 
 try:
     from typer._click.exceptions import ClickException as _TyperClickException
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         typer.echo(f"error: {message}", err=True)
         code = error.exit_code
+        if isinstance(error, Preempted) and argv is None:
+            # The state is durable; skip seconds of interpreter teardown inside the stop budget.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = 130

@@ -402,7 +402,9 @@ class Trainer:
 
         cfg = self.config
         on_ec2 = cfg.spot.imds_url == "auto" and resolve_imds_url("auto") is not None
-        self.watcher = make_watcher(cfg.spot.imds_url, cfg.spot.poll_seconds)
+        self._on_ec2 = on_ec2
+        # One watcher per instance: the notice is per machine, and the stop decision is all-reduced.
+        self.watcher = make_watcher(cfg.spot.imds_url, cfg.spot.poll_seconds) if self.dist.local_rank == 0 else None
         if self.watcher is not None:
             self.watcher.start()
         sinks: list[Any] = []
@@ -425,8 +427,9 @@ class Trainer:
         az = info.get("availability_zone") or "local"
         lifecycle = info.get("lifecycle") or ("local" if itype == "local" else "on-demand")
         region = self.config.aws.region or (az[:-1] if az != "local" else None)
-        try:
-            price, on_demand, source = price_in_force(itype, az, lifecycle, region)
+        try:  # off EC2 (an emulator rehearsal) the tables price the run: no AWS call, no credentials
+            price, on_demand, source = price_in_force(itype, az, lifecycle, region, self.config.aws.profile,
+                                                      query_aws=self._on_ec2)
         except Exception as error:
             log.warning("no price for %s (%s): cost counts as 0", itype, error)
             price, on_demand, source = 0.0, 0.0, "unknown"
