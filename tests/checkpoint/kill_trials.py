@@ -7,7 +7,9 @@ After every kill the run store is checked:
 - every checkpoint that has a manifest verifies (a manifest is never written before its data).
 The next trial resumes from the store, so kills land in restores, saves, commits and retention.
 
-Run standalone (`python tests/checkpoint/kill_trials.py --trials 20`) or from bench/kill_trials.py.
+Run standalone (`python tests/checkpoint/kill_trials.py --trials 20 --workdir DIR`, or with
+`--store s3://bucket/prefix` against an S3 endpoint) or from bench/kill_trials.py, which runs
+hundreds. Each finished run is followed by a fresh one (run-<n>) so kills keep landing in saves.
 The parent imports torch once and forks each trial process, so a trial costs milliseconds, not an
 interpreter start; the child is a separate process and SIGKILL ends it like any other.
 """
@@ -45,8 +47,8 @@ def digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def reference(steps: int) -> list[str]:
-    state = build(SEED)
+def reference(steps: int, width: int) -> list[str]:
+    state = build(SEED, width)
     out = [digest(state)]
     for _ in range(steps):
         train(state, 1)
@@ -54,9 +56,9 @@ def reference(steps: int) -> list[str]:
     return out
 
 
-def child(store_url: str, cache: Path, steps: int, report_fd: int) -> None:
+def child(store_url: str, cache: Path, steps: int, width: int, report_fd: int) -> None:
     """Resume and train to `steps`, saving every step; report each commit as it is seen."""
-    state = build(SEED)
+    state = build(SEED, width)
     mgr = CheckpointManager(store_url, policy=CheckpointPolicy(every_steps=1, keep_last=3, keep_every=10),
                             cache_dir=cache, writer_id=f"trial-{os.getpid()}")
     info = mgr.restore(state)
@@ -72,7 +74,7 @@ def child(store_url: str, cache: Path, steps: int, report_fd: int) -> None:
     os.write(report_fd, f"{commit.step}\ndone\n".encode())
 
 
-def check(store_url: str, cache: Path, expected: list[str], reported: int) -> tuple[int, list[str]]:
+def check(store_url: str, cache: Path, expected: list[str], reported: int, width: int) -> tuple[int, list[str]]:
     """The store's invariants after a kill; returns (latest step or 0, problems)."""
     store = open_store(store_url)
     problems = []
@@ -89,7 +91,7 @@ def check(store_url: str, cache: Path, expected: list[str], reported: int) -> tu
         return 0, problems
     if pointer["step"] < reported:
         problems.append(f"latest.json at step {pointer['step']} went behind the reported commit {reported}")
-    state = build(SEED)
+    state = build(SEED, width)
     try:
         info = CheckpointManager(store_url, cache_dir=cache).restore(state)
     except CheckpointError as error:
@@ -102,22 +104,26 @@ def check(store_url: str, cache: Path, expected: list[str], reported: int) -> tu
     return pointer["step"], problems
 
 
-def run_trials(workdir: Path, trials: int, steps: int = 25, max_delay: float = 0.6, seed: int = 0) -> dict:
+def run_trials(workdir: Path, trials: int, steps: int = 25, max_delay: float = 0.6, seed: int = 0,
+               store: str | None = None, width: int = 16) -> dict:
+    """`trials` kills of a trial process; `store` is a local folder (default: workdir) or s3://bucket/prefix."""
     torch.set_num_threads(1)  # no thread pools in the parent: forking stays safe
     rng = random.Random(seed)
-    expected = reference(steps)
-    store_url = str(workdir / "run")
+    expected = reference(steps, width)
+    base = (store or str(workdir / "runs")).rstrip("/")
+    generation = 0
     results = {"trials": 0, "kills": 0, "completed_runs": 0, "problems": [], "latest_steps": [],
                "restore_checks": 0, "seconds": 0.0}
     started = time.monotonic()
     for trial in range(trials):
+        store_url = f"{base}/run-{generation}"
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the trial process
             os.close(read_fd)
             code = 0
             try:
-                child(store_url, workdir / f"cache-{trial}", steps, write_fd)
+                child(store_url, workdir / f"cache-{trial}", steps, width, write_fd)
             except BaseException as error:  # report and exit without running the parent's cleanup
                 os.write(write_fd, f"error {type(error).__name__}: {error}\n".encode())
                 code = 1
@@ -135,14 +141,16 @@ def run_trials(workdir: Path, trials: int, steps: int = 25, max_delay: float = 0
         if "error" in lines:
             results["problems"].append(f"trial {trial}: the trial process failed: {' '.join(lines)}")
         reported = max([int(x) for x in lines if x.isdigit()], default=0)
-        latest, problems = check(store_url, workdir / f"check-{trial}", expected, reported)
+        latest, problems = check(store_url, workdir / f"check-{trial}", expected, reported, width)
         results["problems"] += [f"trial {trial}: {p}" for p in problems]
         results["latest_steps"].append(latest)
         results["restore_checks"] += 1 if latest else 0
         results["trials"] += 1
         if "done" in lines or latest >= steps:  # finished: start a new run so kills keep hitting saves
             results["completed_runs"] += 1
-            shutil.rmtree(store_url, ignore_errors=True)
+            generation += 1
+            if store is None:
+                shutil.rmtree(store_url, ignore_errors=True)
         shutil.rmtree(workdir / f"cache-{trial}", ignore_errors=True)
         shutil.rmtree(workdir / f"check-{trial}", ignore_errors=True)
     results["seconds"] = round(time.monotonic() - started, 2)
@@ -156,8 +164,11 @@ def main() -> None:
     parser.add_argument("--max-delay", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--store", default=None, help="run store base (default: a folder in --workdir)")
+    parser.add_argument("--width", type=int, default=16, help="hidden width of the tiny model (checkpoint size)")
     args = parser.parse_args()
-    print(json.dumps(run_trials(args.workdir, args.trials, args.steps, args.max_delay, args.seed)))
+    print(json.dumps(run_trials(args.workdir, args.trials, args.steps, args.max_delay, args.seed, args.store,
+                                args.width)))
 
 
 if __name__ == "__main__":

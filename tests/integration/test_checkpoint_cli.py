@@ -51,7 +51,7 @@ def test_list_show_verify_as_json_and_tables(store_url: str, tmp_path: Path, cap
     code, out, _ = cli(capsys, "checkpoints", "list", store_url)
     assert code == 0 and "latest" in out and "committed" in out and "cli-test" in out
 
-    code, out, _ = cli(capsys, "checkpoints", "show", store_url, "--step", "2", "--json")
+    code, out, _ = cli(capsys, "checkpoints", "show", store_url, "2", "--json")
     shown = json.loads(out)
     assert code == 0 and shown["step"] == 2 and shown["model_shapes"]["0.weight"] == [16, 8]
     code, out, _ = cli(capsys, "checkpoints", "show", store_url)
@@ -76,15 +76,15 @@ def test_verify_names_the_tampered_file_and_exits_1(store_url: str, tmp_path: Pa
 def test_download_from_local_upload_to_s3_then_restore_there(s3_url: str, tmp_path: Path, capsys) -> None:
     local = str(tmp_path / "run")
     state = write_run(local, tmp_path, steps=(1, 2))
-    code, out, _ = cli(capsys, "checkpoints", "download", local, str(tmp_path / "copy"))
+    code, out, _ = cli(capsys, "checkpoints", "download", local, "latest", str(tmp_path / "copy"))
     assert code == 0 and "downloaded step 2" in out and (tmp_path / "copy" / "manifest.json").is_file()
-    code, out, _ = cli(capsys, "checkpoints", "upload", s3_url, str(tmp_path / "copy"))
+    code, out, _ = cli(capsys, "checkpoints", "upload", str(tmp_path / "copy"), s3_url)
     assert code == 0 and "uploaded step 2" in out
     assert read_latest(open_store(s3_url))["step"] == 2
     fresh = build()
     info = CheckpointManager(s3_url, cache_dir=tmp_path / "rcache").restore(fresh)
     assert info.step == 2 and same(weights(fresh), weights(state))
-    code, _, err = cli(capsys, "checkpoints", "upload", s3_url, str(tmp_path / "copy"))
+    code, _, err = cli(capsys, "checkpoints", "upload", str(tmp_path / "copy"), s3_url)
     assert code == 1 and "already holds a committed checkpoint" in err
 
 
@@ -102,13 +102,23 @@ def test_prune_dry_run_confirmation_and_yes(store_url: str, tmp_path: Path, caps
 
 
 @pytest.mark.parametrize("args, code, culprit", [
-    (["list", "ftp://host/run"], 2, "ftp://host/run"),
-    (["show", "{store}", "--step", "9"], 1, "has no checkpoint step 9"),
-    (["upload", "{store}", "/does/not/exist"], 2, "/does/not/exist is not a folder"),
-    (["download", "{store}", "{tmp}/out"], 1, "holds no committed checkpoint"),
+    (["list", "ftp://host/run"], 2, "unknown scheme 'ftp'"),
+    (["list", "s3:///run"], 2, "'s3:///run' names no bucket"),
+    (["show", "{run}", "9"], 2, "{run} has no checkpoint step 9"),
+    (["verify", "{run}", "9"], 2, "{run} has no checkpoint step 9"),
+    (["show", "{run}", "last"], 2, "step 'last' is not a step number"),
+    (["upload", "/does/not/exist", "{run}"], 2, "/does/not/exist is not a folder"),
+    (["upload", "{tmp}", "{run}"], 1, "{tmp} is not a checkpoint folder"),
+    (["download", "{empty}", "latest", "{tmp}/out"], 1, "{empty} holds no committed checkpoint"),
+    (["download", "{run}", "1", "{tmp}/file/out"], 1, "cannot write {tmp}/file/out"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path: Path, capsys, args, code, culprit) -> None:
-    args = [a.format(store=tmp_path / "empty", tmp=tmp_path) for a in args]
+    run = tmp_path / "run"
+    write_run(str(run), tmp_path, steps=(1,))
+    (tmp_path / "file").write_text("not a folder")
+    names = {"run": run, "empty": tmp_path / "empty", "tmp": tmp_path}
+    args = [a.format(**names) for a in args]
+    culprit = culprit.format(**names)
     status, _, err = cli(capsys, "checkpoints", *args)
     assert status == code and culprit in err and err.startswith("error: ") and err.count("\n") == 1
 

@@ -1,7 +1,16 @@
 """`mamba-training checkpoints ...`: list, show, verify, download, upload, prune a run store.
 
-Parsing and printing only: the work is done by mamba_training.checkpoint's protocol module,
-which needs no torch, so these commands start fast.
+    checkpoints list     STORE_URL [--json]
+    checkpoints show     STORE_URL [STEP] [--json]
+    checkpoints verify   STORE_URL [STEP] [--all] [--cache-dir DIR]
+    checkpoints download STORE_URL STEP DEST
+    checkpoints upload   SRC_DIR STORE_URL [--no-latest]
+    checkpoints prune    STORE_URL --keep-last K [--keep-every M] [--dry-run] [--yes]
+
+STEP is a step number or `latest` (the checkpoint latest.json names, else the newest committed).
+Parsing and printing only: the work is done by mamba_training.checkpoint's protocol module, which
+needs no torch, so these commands start fast. Transfer bars are rich progress bars made here and
+handed to the library as a `(description, total_bytes) -> advance(bytes)` factory.
 """
 
 from __future__ import annotations
@@ -9,7 +18,6 @@ from __future__ import annotations
 import json
 import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -17,19 +25,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mamba_training.errors import CheckpointError, UsageError
+from mamba_training.errors import UsageError
 
 app = typer.Typer(help="Inspect and manage the checkpoints of a run store.", no_args_is_help=True)
 
-STORE = typer.Argument(..., help="Run store: a directory, file:///path or s3://bucket/prefix.")
-STEP = typer.Option(None, "--step", help="Checkpoint step (default: the one latest.json names).")
+STORE = typer.Argument(..., metavar="STORE_URL", help="Run store: a directory, file:///path or s3://bucket/prefix.")
+JSON = typer.Option(False, "--json", help="Print JSON instead of tables.")
 
 
 def _console() -> Console:
     return Console(highlight=False)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -39,7 +47,10 @@ def _size(n: int) -> str:
 
 @contextmanager
 def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Transfer bars on stderr; yields the (description, total) -> advance factory the library takes."""
+    """Transfer bars on stderr; yields the (description, total) -> advance factory the library takes.
+
+    Bars only draw on a terminal, so scripted use (and --json) gets clean output.
+    """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     console = Console(stderr=True)
@@ -52,10 +63,31 @@ def _progress() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
         yield factory
 
 
-def _open(url: str):
+def _open(url: str) -> Any:
     from mamba_training.checkpoint import open_store
 
     return open_store(url)
+
+
+def _parse_step(text: Optional[str]) -> Optional[int]:
+    """None for 'latest' (or nothing), else a non-negative step number."""
+    if text is None or text == "latest":
+        return None
+    if not text.isdigit():
+        raise UsageError(f"step {text!r} is not a step number or 'latest'")
+    return int(text)
+
+
+def _resolve_step(store: Any, text: Optional[str]) -> int:
+    """The step asked for; an explicit one must exist in the store (bad input otherwise)."""
+    from mamba_training.checkpoint import latest_committed_step, list_checkpoints
+
+    step = _parse_step(text)
+    if step is None:
+        return latest_committed_step(store)
+    if step not in {s.step for s in list_checkpoints(store)}:
+        raise UsageError(f"{store.url} has no checkpoint step {step}")
+    return step
 
 
 def _summary_row(s: Any) -> dict[str, Any]:
@@ -66,59 +98,53 @@ def _summary_row(s: Any) -> dict[str, Any]:
 
 
 @app.command("list")
-def list_command(store_url: str = STORE, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def list_command(store_url: str = STORE, as_json: bool = JSON) -> None:
     """List the checkpoints of a run, newest first."""
-    from mamba_training.checkpoint import list_checkpoints
+    from mamba_training.checkpoint import list_checkpoints, read_latest
 
     store = _open(store_url)
     rows = [_summary_row(s) for s in list_checkpoints(store)]
+    pointer = read_latest(store)
     if as_json:
-        typer.echo(json.dumps({"store": store.url, "checkpoints": rows}, indent=1))
+        typer.echo(json.dumps({"store": store.url, "latest_json": pointer, "checkpoints": rows}, indent=1))
         return
     if not rows:
         typer.echo(f"no checkpoints in {store.url}")
         return
     table = Table(title=f"checkpoints in {store.url}")
-    for column in ("step", "state", "tokens", "size", "world", "written (UTC)", "writer"):
-        table.add_column(column, justify="right" if column in ("step", "tokens", "size", "world") else "left")
+    for column in ("step", "committed", "latest", "size", "tokens", "world", "writer", "written (UTC)"):
+        table.add_column(column, justify="right" if column in ("step", "size", "tokens", "world") else "left")
     for r in rows:
-        state = ("latest" if r["latest"] else "committed") if r["committed"] else "[red]incomplete[/red]"
-        table.add_row(str(r["step"]), state, str(r["tokens_seen"] or ""), _size(r["bytes"]),
-                      str(r["world_size"] or ""), r["time"] or "", r["writer_id"] or "")
-    _console().print(table)
+        table.add_row(str(r["step"]), "yes" if r["committed"] else "[red]no[/red]", "latest" if r["latest"] else "",
+                      _size(r["bytes"]), _opt(r["tokens_seen"]), _opt(r["world_size"]), r["writer_id"] or "",
+                      r["time"] or "")
+    console = _console()
+    console.print(table)
+    if pointer is None:
+        console.print("latest.json is missing or unreadable: readers use the newest verified checkpoint")
 
 
-def _resolve_step(store: Any, step: Optional[int]) -> int:
-    from mamba_training.checkpoint import list_checkpoints, read_latest
-
-    if step is not None:
-        return step
-    pointer = read_latest(store)
-    if pointer is not None:
-        return pointer["step"]
-    committed = [s.step for s in list_checkpoints(store) if s.committed]
-    if not committed:
-        raise CheckpointError(f"{store.url} holds no committed checkpoint")
-    return committed[0]
+def _opt(value: Any) -> str:
+    return "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
 @app.command("show")
-def show(store_url: str = STORE, step: Optional[int] = STEP,
-         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")) -> None:
+def show(store_url: str = STORE,
+         step: Optional[str] = typer.Argument(None, metavar="STEP", help="Step number or 'latest' (default)."),
+         as_json: bool = JSON) -> None:
     """Show a checkpoint's manifest: step, tokens, writer, files, model shapes."""
     from mamba_training.checkpoint import list_checkpoints
+    from mamba_training.errors import CheckpointError
 
     store = _open(store_url)
     chosen = _resolve_step(store, step)
-    found = [s for s in list_checkpoints(store) if s.step == chosen]
-    if not found:
-        raise CheckpointError(f"{store.url} has no checkpoint step {chosen}")
-    summary = found[0]
+    summary = next(s for s in list_checkpoints(store) if s.step == chosen)
     if summary.manifest is None:
         raise CheckpointError(f"checkpoint {store.describe(summary.path)} has no readable manifest: not committed")
     manifest = summary.manifest
     if as_json:
-        typer.echo(json.dumps({"store": store.url, "latest": summary.latest, **manifest}, indent=1))
+        typer.echo(json.dumps({"store": store.url, "latest": summary.latest, "bytes": summary.bytes, **manifest},
+                              indent=1))
         return
     console = _console()
     console.print(f"[bold]{store.describe(summary.path)}[/bold]{'  (latest)' if summary.latest else ''}")
@@ -143,16 +169,23 @@ def _numel(shape: list[int]) -> int:
 
 
 @app.command("verify")
-def verify(store_url: str = STORE, step: Optional[int] = STEP,
-           all_steps: bool = typer.Option(False, "--all", help="Verify every committed checkpoint."),
-           cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where S3 files are downloaded.")) -> None:
-    """Check every file of a checkpoint against its manifest (size and sha256). Exit 1 on any mismatch."""
+def verify(store_url: str = STORE,
+           step: Optional[str] = typer.Argument(None, metavar="STEP", help="Step number or 'latest' (default)."),
+           all_steps: bool = typer.Option(False, "--all", help="Verify every checkpoint in the store."),
+           cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                                    help="Keep S3 downloads here (default: a temporary folder).")
+           ) -> None:
+    """Check every file of a checkpoint against its manifest (size, sha256); exit 1 naming the first bad file."""
     from mamba_training.checkpoint import list_checkpoints, verify_checkpoint
+    from mamba_training.errors import CheckpointError
 
     store = _open(store_url)
-    steps = [s.step for s in list_checkpoints(store)] if all_steps else [_resolve_step(store, step)]
-    if not steps:
-        raise CheckpointError(f"{store.url} holds no checkpoint")
+    if all_steps:
+        steps = [s.step for s in list_checkpoints(store)]
+        if not steps:
+            raise CheckpointError(f"{store.url} holds no checkpoint")
+    else:
+        steps = [_resolve_step(store, step)]
     failures = []
     with tempfile.TemporaryDirectory(prefix="mamba-verify-") as scratch, _progress() as progress:
         for s in steps:
@@ -162,33 +195,39 @@ def verify(store_url: str = STORE, step: Optional[int] = STEP,
             except CheckpointError as error:
                 failures.append(error)
                 typer.echo(f"FAILED  step {s}: {error}")
+    if len(failures) == 1 and len(steps) == 1:
+        raise failures[0]
     if failures:
         raise CheckpointError(f"{len(failures)} of {len(steps)} checkpoints failed verification: {failures[0]}")
 
 
 @app.command("download")
-def download(store_url: str = STORE, dest: Path = typer.Argument(..., help="Local folder to write into."),
-             step: Optional[int] = STEP) -> None:
-    """Download and verify a checkpoint (files + manifest) into a local folder."""
+def download(store_url: str = STORE,
+             step: str = typer.Argument(..., metavar="STEP", help="Step number or 'latest'."),
+             dest: Path = typer.Argument(..., metavar="DEST", help="Local folder to write the files and manifest into.")) -> None:
+    """Download a checkpoint, verify it, and write its files and manifest into DEST."""
     from mamba_training.checkpoint import download_checkpoint
 
     store = _open(store_url)
+    chosen = _resolve_step(store, step)
     with _progress() as progress:
-        manifest = download_checkpoint(store, step, dest, progress)
+        manifest = download_checkpoint(store, chosen, dest, progress)
     typer.echo(f"downloaded step {manifest['step']} ({len(manifest['files'])} files, verified) to {dest}")
 
 
 @app.command("upload")
-def upload(store_url: str = STORE, src: Path = typer.Argument(..., help="A checkpoint folder (from `download`)."),
+def upload(src_dir: Path = typer.Argument(..., metavar="SRC_DIR", help="A checkpoint folder (a step_<N> folder "
+                                      "of a local run, or what `download` wrote)."),
+           store_url: str = STORE,
            no_latest: bool = typer.Option(False, "--no-latest", help="Do not move latest.json to it.")) -> None:
-    """Upload a checkpoint folder into a run with the commit protocol (data, manifest, latest.json)."""
+    """Copy a checkpoint folder into a run with the commit protocol: data files, manifest, then latest.json."""
     from mamba_training.checkpoint import upload_checkpoint
 
-    if not src.is_dir():
-        raise UsageError(f"{src} is not a folder")
+    if not src_dir.is_dir():
+        raise UsageError(f"{src_dir} is not a folder")
     store = _open(store_url)
     with _progress() as progress:
-        step = upload_checkpoint(store, src, progress, set_latest=not no_latest)
+        step = upload_checkpoint(store, src_dir, progress, set_latest=not no_latest)
     typer.echo(f"uploaded step {step} to {store.describe(f'checkpoints/step_{step:08d}')}")
 
 
@@ -208,11 +247,11 @@ def prune(
     if not plan.keys:
         typer.echo(f"nothing to prune in {store.url}")
         return
-    steps = ", ".join(str(s) for s in plan.steps) or "none"
+    steps = ", ".join(str(s) for s in plan.steps) or "none (only stray files)"
     typer.echo(f"would remove steps {steps} ({len(plan.keys)} objects) from {store.url}")
     if dry_run:
         return
     if not yes and not typer.confirm("remove them?", default=False):
         raise typer.Abort()
     apply_retention(store, plan)
-    typer.echo(f"removed {len(plan.keys)} objects at {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
+    typer.echo(f"removed {len(plan.keys)} objects")
