@@ -134,3 +134,16 @@ def test_s3_missing_bucket_and_missing_credentials_are_one_line(aws: str, tmp_pa
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: no AWS credentials found for s3://some-bucket/run")
     assert result.stderr.count("\n") == 1
+
+
+def test_transfers_draw_progress_bars_on_a_terminal(s3_url: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    write_run(s3_url, tmp_path, steps=(1,))
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats stderr as a terminal
+    code, out, err = cli(capsys, "checkpoints", "download", s3_url, "1", str(tmp_path / "copy"))
+    assert code == 0 and "downloaded step 1" in out
+    assert "download state-" in err and ".safetensors" in err
+    code, _, err = cli(capsys, "checkpoints", "upload", str(tmp_path / "copy"), str(tmp_path / "local-run"))
+    assert code == 0 and "upload state-" in err
+    monkeypatch.delenv("FORCE_COLOR")
+    code, out, err = cli(capsys, "checkpoints", "verify", s3_url)
+    assert code == 0 and err == "" and "ok      step 1: 2 files match the manifest" in out
