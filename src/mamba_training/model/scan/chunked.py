@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 DEFAULT_CHUNK = 16
 LOG2E = 1.0 / math.log(2.0)
+SERIAL_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on the calling thread
 
 
 class ScanChunks:
@@ -58,6 +59,7 @@ class ScanChunks:
         self.carry_buf = A.new_empty(bsz, d_state, d_inner)
         self.gA = torch.zeros_like(self.At)
         self.carry: torch.Tensor | None = None  # a_e * g_e: sent back into the previous chunk's last step
+        self.pieces = _serial_pieces(bsz, d_state, d_inner)
 
     def new_state(self) -> torch.Tensor:
         return self.h.new_zeros(self.h.shape[1:])
@@ -84,8 +86,10 @@ class ScanChunks:
         g = torch.mul(gy_tm[:, :, None, :], C.transpose(0, 1)[:, :, :, None], out=self.g[:n])
         if self.carry is not None:
             g[-1].add_(self.carry)
-        for i in range(n - 2, -1, -1):
-            g[i].addcmul_(a[i + 1], g[i + 1])
+        for piece in self.pieces:
+            g_p, a_p = g[(slice(None), *piece)], a[(slice(None), *piece)]
+            for i in range(n - 2, -1, -1):
+                g_p[i].addcmul_(a_p[i + 1], g_p[i + 1])
         self.carry = torch.mul(a[0], g[0], out=self.carry_buf)
         tmp = self.tmp[:n]  # every product below lands in this buffer: no fresh chunk-sized tensors
         gC = torch.mul(hb[1:], gy_tm[:, :, None, :], out=tmp).sum(-1).transpose(0, 1)
@@ -107,10 +111,29 @@ class ScanChunks:
         hb = self.h[: n + 1]
         torch.mul(dtx.transpose(0, 1)[:, :, None, :], B.transpose(0, 1)[:, :, :, None], out=hb[1:])
         hb[0] = start
-        prev = hb[0]
-        for a_t, h_t in zip(a, hb[1:]):
-            prev = h_t.addcmul_(a_t, prev)
+        for piece in self.pieces:
+            h_p, a_p = hb[(slice(None), *piece)], a[(slice(None), *piece)]
+            for t in range(n):
+                h_p[t + 1].addcmul_(a_p[t], h_p[t])
         return hb
+
+
+def _serial_pieces(bsz: int, d_state: int, d_inner: int) -> list[tuple[slice, slice, slice]]:
+    """(batch, d_state, d_inner) slices of the state small enough that torch runs each step's
+    op on one thread (below its parallel grain of 32768 elements).
+
+    The time loops are thousands of small ops; spread over threads, each one ends in a barrier,
+    and on a busy machine every barrier can wait a whole scheduler slice for a descheduled
+    thread (measured: 7x slower training steps). Serial pieces cost ~1.5x on the loops when the
+    machine is idle, a few percent of a step.
+    """
+    row = d_state * d_inner
+    if row <= SERIAL_GRAIN:
+        rows = max(1, SERIAL_GRAIN // row)
+        return [(slice(b, min(bsz, b + rows)), slice(None), slice(None)) for b in range(0, bsz, rows)]
+    cols = max(1, SERIAL_GRAIN // d_state)
+    return [(slice(b, b + 1), slice(None), slice(d, min(d_inner, d + cols)))
+            for b in range(bsz) for d in range(0, d_inner, cols)]
 
 
 def _contract_state(C: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
