@@ -55,3 +55,24 @@ def test_mixer_takes_the_fused_path_when_the_scan_is_chunked():
     torch.testing.assert_close(out, op_by_op, rtol=1e-12, atol=1e-12)
     with torch.enable_grad():
         assert "FusedMixer" in type(mixer(hidden.requires_grad_()).grad_fn).__name__
+
+
+def test_batch_split_across_threads_matches_one_thread_and_is_deterministic():
+    mixer = float64_mixer(4)
+    hidden = torch.randn(3, 21, 8, dtype=torch.float64, requires_grad=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            out = run_fused(mixer, hidden, chunk=8)
+            grads = torch.autograd.grad(out.square().sum(), [hidden, *mixer.parameters()])
+            assert torch.get_num_threads() == threads  # restored after the split
+            results.append((out, grads))
+    finally:
+        torch.set_num_threads(before)
+    (out1, grads1), (out2, grads2), (out3, grads3) = results
+    torch.testing.assert_close(out2, out1, rtol=1e-12, atol=1e-12)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
+    assert torch.equal(out2, out3) and all(torch.equal(a, b) for a, b in zip(grads2, grads3))

@@ -16,10 +16,15 @@ whole span runs chunk by chunk over time with cache-sized temporaries:
 and the backward walks the chunks last to first, recomputing each chunk's activations from xz
 and the saved state at its start. Only xz, the output and the gradients are full-length.
 Parameter gradients accumulate over chunks with in-place matmuls.
+
+Threads: the batch is split into torch.get_num_threads() parts run side by side on a small
+thread pool, each with single-threaded ops (`in_batch_parts`), rather than letting every small
+op fork and join torch's OpenMP team (see there why: a busy machine made that 7x slower).
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -140,7 +145,16 @@ def _backward_rows(xz, grad_out, starts, w: _Weights, chunk, g_xz):
     return g_cw, g_cb, g_xproj, g_dtproj, g_dtbias, engine.grad_A(), g_D, g_out
 
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool)
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    """A process-wide pool; a forked child (DataLoader worker, ...) gets its own, as the
+    parent's threads do not exist there."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < size:
+        _pool = (os.getpid(), size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="mamba-mixer"))
+    return _pool[2]
 
 
 def in_batch_parts(bsz: int, work: Callable[[slice], T], device: torch.device) -> list[T]:
@@ -166,12 +180,10 @@ def in_batch_parts(bsz: int, work: Callable[[slice], T], device: torch.device) -
 
     edges = [round(i * bsz / parts) for i in range(parts + 1)]
     ranges = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-    global _pool
-    if _pool is None or _pool._max_workers < parts - 1:
-        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="mamba-mixer")
+    pool = _worker_pool(parts - 1)
     torch.set_num_threads(1)  # global: this thread's ops and the pool's run single-threaded
     try:
-        futures = [_pool.submit(in_worker, rows) for rows in ranges[1:]]
+        futures = [pool.submit(in_worker, rows) for rows in ranges[1:]]
         first = work(ranges[0])
         return [first, *(f.result() for f in futures)]
     finally:
