@@ -101,6 +101,15 @@ def test_prune_dry_run_confirmation_and_yes(store_url: str, tmp_path: Path, caps
     assert code == 0 and [s.step for s in list_checkpoints(store)] == [4, 2]
 
 
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local run with one checkpoint, and a plain file beside it; the bad-input cases only read them."""
+    tmp_path = tmp_path_factory.mktemp("bad-input")
+    write_run(str(tmp_path / "run"), tmp_path, steps=(1,))
+    (tmp_path / "file").write_text("not a folder")
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("args, code, culprit", [
     (["list", "ftp://host/run"], 2, "unknown scheme 'ftp'"),
     (["list", "s3:///run"], 2, "'s3:///run' names no bucket"),
@@ -112,11 +121,9 @@ def test_prune_dry_run_confirmation_and_yes(store_url: str, tmp_path: Path, caps
     (["download", "{empty}", "latest", "{tmp}/out"], 1, "{empty} holds no committed checkpoint"),
     (["download", "{run}", "1", "{tmp}/file/out"], 1, "cannot write {tmp}/file/out"),
 ])
-def test_bad_input_is_one_line_naming_the_culprit(tmp_path: Path, capsys, args, code, culprit) -> None:
-    run = tmp_path / "run"
-    write_run(str(run), tmp_path, steps=(1,))
-    (tmp_path / "file").write_text("not a folder")
-    names = {"run": run, "empty": tmp_path / "empty", "tmp": tmp_path}
+def test_bad_input_is_one_line_naming_the_culprit(one_step_run: Path, capsys, args, code, culprit) -> None:
+    tmp_path = one_step_run.parent
+    names = {"run": one_step_run, "empty": tmp_path / "empty", "tmp": tmp_path}
     args = [a.format(**names) for a in args]
     culprit = culprit.format(**names)
     status, _, err = cli(capsys, "checkpoints", *args)
