@@ -2,7 +2,8 @@
 
 Rules match requests by method and a substring of the path+query and, for their first `times`
 matches, answer with an S3 error (500 InternalError, 503 SlowDown, 403 AccessDenied), drop the
-connection without answering, or delay the request. Everything else is forwarded unchanged.
+connection without answering ("drop": the request never reaches S3; "drop_after": S3 applies it
+and only the response is lost), or delay the request. Everything else is forwarded unchanged.
 Real HTTP on both sides: boto3's retry logic and error parsing run exactly as against AWS.
 """
 
@@ -22,7 +23,7 @@ _CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
 
 @dataclass
 class Rule:
-    action: str  # "status", "drop" or "delay"
+    action: str  # "status", "drop", "drop_after" or "delay"
     method: str | None = None
     contains: str = ""
     times: int = 1_000_000
@@ -60,7 +61,7 @@ class FaultProxy:
                 if rule is not None and rule.action == "status":
                     self._send_error(rule.status)
                     return
-                self._forward(body)
+                self._forward(body, answer=rule is None or rule.action != "drop_after")
 
             def _read_body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -84,13 +85,18 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, answer: bool = True) -> None:
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 payload = response.read()
+                if not answer:  # S3 did it; the client never hears back
+                    conn.close()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP and key.lower() != "content-length":

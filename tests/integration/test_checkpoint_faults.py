@@ -51,6 +51,26 @@ def test_transient_errors_drops_and_delays_are_retried_and_the_save_commits(prox
     assert same(weights(fresh), weights(state))
 
 
+def test_a_commit_whose_response_was_lost_is_not_mistaken_for_a_lost_race(proxy: FaultProxy, tmp_path: Path) -> None:
+    """S3 applies the manifest and latest.json PUTs but the responses are lost: botocore retries with
+    the same condition, gets 412, and the store sees its own bytes there: committed, not fenced."""
+    state = build()
+    mgr = s3_manager(tmp_path)
+    train(state, 1)
+    mgr.save(1, 4, state)
+    mgr.flush()
+    proxy.add("drop_after", method="PUT", contains="manifest.json", times=1)
+    proxy.add("drop_after", method="PUT", contains="latest.json", times=1)
+    train(state, 1)
+    mgr.save(2, 8, state)
+    assert mgr.flush().step == 2
+    assert [r.hits for r in proxy.rules] == [1, 1]
+    assert read_latest(mgr.store)["step"] == 2
+    train(state, 1)
+    mgr.save(3, 12, state)  # still the writer: its ETag is the one S3 holds
+    assert mgr.flush().step == 3
+
+
 def test_a_multipart_upload_survives_a_dropped_part(proxy: FaultProxy, tmp_path: Path) -> None:
     state = build(width=100_000)  # ~16 MB of weights and moments: four 5 MiB parts
     mgr = s3_manager(tmp_path, part_size=5 * 1024 * 1024)

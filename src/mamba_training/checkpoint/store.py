@@ -421,6 +421,9 @@ class S3Store(Store):
             except Exception as error:
                 code, status = _client_error_code(error)
                 if code == "PreconditionFailed" or status == 412:
+                    landed = self._own_write_landed(key, data, error)
+                    if landed is not None:
+                        return landed
                     raise FencedError(
                         f"{self.describe(key)} was changed by another writer: this writer stops"
                     ) from None
@@ -429,6 +432,20 @@ class S3Store(Store):
                     continue
                 raise self._error(error, key) from None
         raise StoreError(f"{self.describe(key)}: conditional write kept conflicting; try again")
+
+    def _own_write_landed(self, key: str, data: bytes, error: Exception) -> str | None:
+        """The ETag of `key` if a 412 came from botocore retrying a PUT that S3 had already applied.
+
+        When the response to a conditional PUT is lost (dropped connection, timeout), botocore sends
+        it again with the same condition, which now fails against our own write. Only then, and only
+        if S3 holds exactly our bytes, did we win; pointers carry writer id and time, so another
+        writer's object never has the same bytes.
+        """
+        retried = int((getattr(error, "response", {}) or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0))
+        if not retried:
+            return None
+        current = self.read_with_etag(key)
+        return current[1] if current is not None and current[0] == bytes(data) else None
 
 
 def open_store(url: str | Path, region: str | None = None, profile: str | None = None) -> Store:
