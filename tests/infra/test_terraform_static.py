@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.terraform_env import REPO, STACK, initialized_stack, provider_mirror, run, tool
+from infra.terraform_env import (REPO, STACK, copy_stack, initialized_stack, provider_mirror, run, terraform_env, tool,
+                                 write_cli_config)
 
-pytestmark = pytest.mark.xdist_group("terraform")
+# Tests that use the shared initialized copy run on one worker (group "terraform", with the apply
+# test); the rest may run anywhere.
+shared_init = pytest.mark.xdist_group("terraform")
 
 CHECKOV_ARGS = ["--framework", "terraform", "--skip-download", "--output", "json",
                 "--external-checks-dir", str(STACK / "checkov")]
@@ -31,6 +34,7 @@ def test_terraform_files_are_formatted() -> None:
     assert result.returncode == 0, f"terraform fmt would change: {result.stdout}"
 
 
+@shared_init
 def test_init_installs_the_aws_provider_from_the_local_mirror() -> None:
     stack = initialized_stack()
     mirror = provider_mirror()
@@ -60,6 +64,7 @@ def test_only_the_aws_provider_and_no_registry_modules() -> None:
     assert "module " not in text
 
 
+@shared_init
 def test_validate_passes() -> None:
     result = initialized_stack().tf("validate", "-no-color")
     assert "The configuration is valid" in result.stdout
@@ -76,6 +81,7 @@ BAD_INPUTS = {
 }
 
 
+@shared_init
 def test_bad_tfvars_fail_at_plan_with_a_message_naming_the_variable() -> None:
     """Each run of the committed validation.tftest.hcl, expect_failures removed, in a file of its own
     (terraform test skips the rest of a file after a failure): the bad runs must fail with their
@@ -111,40 +117,62 @@ def test_bad_tfvars_fail_at_plan_with_a_message_naming_the_variable() -> None:
             assert word in flat, f"{name}: {word!r} missing from: {flat}"
 
 
-def checkov(directory: Path, *extra: str) -> dict:
-    result = subprocess.run([tool("checkov"), "-d", str(directory), *CHECKOV_ARGS, *extra],
+UNENCRYPTED_TEMPLATE = """resource "aws_launch_template" "plain" {
+  name_prefix = "x-"
+  block_device_mappings {
+    device_name = "/dev/sda1"
+    ebs {
+      volume_size = 100
+      encrypted   = false
+    }
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def checkov_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """One checkov run (seconds to start) over a copy of the stack plus one bad launch template file
+    (checkov 3.3.30 given two -d directories reported only the first)."""
+    copy = copy_stack(tmp_path_factory.mktemp("checkov") / "stack")
+    bad = copy / "zz_unencrypted_fixture.tf"
+    bad.write_text(UNENCRYPTED_TEMPLATE)
+    result = subprocess.run([tool("checkov"), "-d", str(copy), *CHECKOV_ARGS],
                             capture_output=True, text=True, timeout=300)
     assert result.stdout.strip(), result.stderr[-2000:]
-    report = json.loads(result.stdout)
-    return report[0] if isinstance(report, list) else report
+    reports, text, decoder = [], result.stdout.strip(), json.JSONDecoder()
+    while text:  # one JSON document per scanned directory
+        doc, end = decoder.raw_decode(text)
+        reports.extend(doc if isinstance(doc, list) else [doc])
+        text = text[end:].strip()
+    split: dict[str, dict] = {"stack": {}, "bad": {}}
+    for kind in ("passed_checks", "failed_checks", "skipped_checks"):
+        for check in (c for r in reports for c in r["results"].get(kind, [])):
+            where = "bad" if check["file_abs_path"] == str(bad) else "stack"
+            split[where].setdefault(kind, []).append(check)
+    return split
 
 
-def test_checkov_reports_no_failed_checks_and_every_skip_has_a_reason() -> None:
-    report = checkov(STACK)
-    summary = report["summary"]
-    failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
-    assert summary["failed"] == 0, failed
-    assert summary["passed"] > 50
-    assert any(c["check_id"] == "CKV_MAMBA_1" for c in report["results"]["passed_checks"])
-    for skipped in report["results"]["skipped_checks"]:
+def test_checkov_reports_no_failed_checks_and_every_skip_has_a_reason(checkov_reports: dict[str, dict]) -> None:
+    stack = checkov_reports["stack"]
+    assert [(c["check_id"], c["resource"]) for c in stack.get("failed_checks", [])] == []
+    assert len(stack["passed_checks"]) > 50
+    assert any(c["check_id"] == "CKV_MAMBA_1" for c in stack["passed_checks"])
+    for skipped in stack["skipped_checks"]:
         assert len(skipped["check_result"].get("suppress_comment", "")) > 20, skipped["check_id"]
 
 
-def test_custom_checkov_policy_fails_an_unencrypted_launch_template(tmp_path: Path) -> None:
-    (tmp_path / "main.tf").write_text(
-        'resource "aws_launch_template" "plain" {\n'
-        '  name_prefix = "x-"\n'
-        '  block_device_mappings {\n'
-        '    device_name = "/dev/sda1"\n'
-        '    ebs {\n'
-        '      volume_size = 100\n'
-        '      encrypted   = false\n'
-        '    }\n'
-        '  }\n'
-        '}\n'
-    )
-    report = checkov(tmp_path, "-c", "CKV_MAMBA_1")
-    assert [c["check_id"] for c in report["results"]["failed_checks"]] == ["CKV_MAMBA_1"]
+def test_custom_checkov_policy_fails_an_unencrypted_launch_template(checkov_reports: dict[str, dict]) -> None:
+    failed = [c["check_id"] for c in checkov_reports["bad"].get("failed_checks", [])]
+    assert "CKV_MAMBA_1" in failed
+
+
+def test_deploy_script_validate_in_a_fresh_copy(tmp_path: Path) -> None:
+    stack = copy_stack(tmp_path / "stack")
+    env = terraform_env(write_cli_config(tmp_path))
+    result = run([str(stack / "deploy.sh"), "-e", "prod", "validate"], stack, env)
+    assert "The configuration is valid" in result.stdout
+    assert "workspace=prod-us-west-2" in result.stderr
 
 
 def shell_scripts() -> list[Path]:

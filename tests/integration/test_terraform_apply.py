@@ -1,6 +1,7 @@
 """The whole stack applied for real against the moto server, asserted through boto3, destroyed.
 
-dev goes through deploy.sh (validate, deploy = plan + apply, outputs, destroy) with the AMI read
+dev goes through deploy.sh (deploy = init + validate + plan + apply, outputs, destroy; `deploy.sh
+validate` is in tests/infra) with the AMI read
 from an SSM parameter; prod goes through terraform directly with an explicit ami_id, scales to two
 instances, and its rendered user data is checked as a program (bash -n, shellcheck, the systemd
 unit through systemd-analyze, config.yaml through the package's own config loader).
@@ -164,8 +165,6 @@ class Dev:
         self.refused: subprocess.CompletedProcess[str] | None = None
 
     def up(self) -> None:
-        validated = ok(deploy_sh(self.stack, self.env, "validate"), "deploy.sh validate")
-        assert "The configuration is valid" in validated.stdout
         deployed = ok(deploy_sh(self.stack, self.env, "deploy", "--yes"), "deploy.sh deploy --yes")
         assert "workspace=dev-us-west-2" in deployed.stderr
         assert (self.stack / "terraform.tfstate.d" / "dev-us-west-2" / "terraform.tfstate").is_file()
