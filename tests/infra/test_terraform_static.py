@@ -96,6 +96,11 @@ def test_bad_tfvars_fail_at_plan_with_a_message_naming_the_variable() -> None:
     for name, block in zip(names, runs):
         block = re.sub(r"\n\s*expect_failures = \[[^\]]*\]\n", "\n", block)
         (messages / f"{name}.tftest.hcl").write_text(f"{header}\n{block}")
+    # The example a user copies must plan as it is.
+    example = (stack.dir / "terraform.tfvars.example").read_text()
+    names.append("example_tfvars")
+    (messages / "example_tfvars.tftest.hcl").write_text(
+        f'{header}\nrun "example_tfvars" {{\n  command = plan\n  variables {{\n{example}\n  }}\n}}\n')
     result = stack.tf("test", "-json", "-test-directory=messages", check=False)
     assert result.returncode != 0
     verdicts: dict[str, str] = {}
