@@ -121,6 +121,9 @@ class CheckpointManager:
         self._held = 0.0  # seconds optimizer steps waited for the current snapshot copy
         self._hooks: dict[int, Any] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._buffer_lock = threading.Lock()  # the save thread and the buffer pre-allocation
+        self._prewarm_hooks: list[Any] = []
+        self._prewarm_started = False
 
     # ---- policy
     def should_save(self, step: int) -> bool:
@@ -197,10 +200,12 @@ class CheckpointManager:
             self._wait()
         except CheckpointError:
             pass
-        for handle in self._hooks.values():
+        for handle in [*self._hooks.values(), *self._prewarm_hooks]:
             handle.remove()
         self._hooks.clear()
-        self._buffers.clear()
+        self._prewarm_hooks.clear()
+        with self._buffer_lock:
+            self._buffers.clear()
 
     def _wait(self, timeout: float | None = None) -> None:
         thread = self._thread
@@ -221,8 +226,11 @@ class CheckpointManager:
         try:
             copy_start = time.monotonic()
             try:
-                data = job.snap.serialize(self._buffers.get("tensors"))
-                self._buffers["tensors"] = data
+                with self._buffer_lock:
+                    reuse = self._buffers.get("tensors")
+                    data = job.snap.serialize(reuse)
+                    if reuse is None or data.data_ptr() != reuse.data_ptr():
+                        self._buffers["tensors"] = data
             finally:
                 self._copied.set()  # never leave an optimizer waiting, even when the copy failed
             job.copy = time.monotonic() - copy_start
@@ -358,6 +366,7 @@ class CheckpointManager:
         pointer = parse_pointer(found[0]) if found else None
         candidates = [step] if step is not None else self._candidates(pointer, found is not None)
         if not candidates:
+            self._prewarm_after_next_step(app_state)
             return None
         for candidate in candidates:
             where = self.store.describe(step_prefix(candidate))
@@ -381,8 +390,45 @@ class CheckpointManager:
             self._last_commit = CommitInfo(candidate, info.tokens_seen, info.path, 0, 0.0, 0.0)
             log.info("restored checkpoint %s (written by %s with world size %d)", where,
                      info.writer_id, info.world_size)
+            self._prewarm_after_next_step(app_state)
             return info
         raise CheckpointError(f"no checkpoint in {self.store.url} passes verification")
+
+    # ---- the serialization buffer, allocated ahead
+    def _prewarm_after_next_step(self, app_state: dict[str, Any]) -> None:
+        """After the next optimizer step (when AdamW's moments exist), allocate the save buffer and
+        fault its pages in, in the background.
+
+        A fresh buffer of several GB costs seconds of page faults (pinned allocation more), which
+        the first save's copy would pay while the optimizer step waits for it: on every new spot
+        instance. Done here, it overlaps the training steps before the first checkpoint.
+        """
+        if self.rank != 0 or not self.async_save or self._prewarm_hooks or self._prewarm_started:
+            return
+
+        def after_step(*_: Any) -> None:
+            if not self._prewarm_started:  # hooks cannot be removed while step() iterates them
+                self._prewarm_started = True
+                threading.Thread(target=self._prewarm, args=(app_state,), name="checkpoint-prewarm",
+                                 daemon=True).start()
+
+        self._prewarm_hooks = [optim.register_step_post_hook(after_step) for optim in state_io.optimizers(app_state)]
+
+    def _prewarm(self, app_state: dict[str, Any]) -> None:
+        try:
+            with self._buffer_lock:
+                if "tensors" in self._buffers:
+                    return
+                size = state_io.estimate_bytes(app_state)
+                model = state_io.find_model(app_state)
+                pinned = model is not None and any(p.is_cuda for p in model.parameters())
+                buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+                for start in range(0, size, 64 << 20):  # touch every page, in slices: no long GIL-free burst
+                    buffer[start:start + (64 << 20)].fill_(0)
+                self._buffers["tensors"] = buffer
+            log.debug("checkpoint buffer of %d bytes allocated ahead of the first save", size)
+        except Exception as error:  # an optimisation only: the save allocates its own buffer
+            log.warning("could not allocate the checkpoint buffer ahead: %s", error)
 
     def _candidates(self, pointer: dict[str, Any] | None, pointer_exists: bool) -> list[int]:
         committed = [s.step for s in list_checkpoints(self.store) if s.committed]

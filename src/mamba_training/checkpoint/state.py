@@ -87,7 +87,8 @@ class Snapshot:
 
         This is the save's only full copy of the state (from the GPU too, into pinned memory), so
         it doubles as the snapshot: after it, training may change the live tensors. `reuse`, a
-        buffer from an earlier save of the same size, avoids allocating and faulting in new pages.
+        buffer from an earlier save (or allocated ahead, see CheckpointManager) at least as large,
+        avoids allocating and faulting in new pages; the result is then a view of its start.
         The layout is plain safetensors (8-byte header length, JSON header, data), which
         safetensors.torch.load_file reads back; tensors are ordered by element size so every
         slot is aligned for its dtype.
@@ -108,8 +109,8 @@ class Snapshot:
         raw += b" " * (-len(raw) % 8)
         start = 8 + len(raw)
         pinned = any(t.is_cuda for t in everything.values())
-        if reuse is not None and reuse.numel() == start + offset:
-            out = reuse
+        if reuse is not None and reuse.numel() >= start + offset and reuse.is_pinned() == pinned:
+            out = reuse[:start + offset]
         else:
             out = torch.empty(start + offset, dtype=torch.uint8, pin_memory=pinned)
         out[:start] = torch.frombuffer(bytearray(struct.pack("<Q", len(raw)) + raw), dtype=torch.uint8)
@@ -120,6 +121,20 @@ class Snapshot:
         self.pending = {}
         self.tensors = {}
         return out
+
+
+def estimate_bytes(app_state: dict[str, Any]) -> int:
+    """About the size of the safetensors file a save of `app_state` writes, from the live tensors:
+    model and optimizer state exactly, plus room for the header and the small objects' tensors."""
+    total, count = 0, 0
+    model = find_model(app_state)
+    tensors = list(unwrap(model).state_dict().values()) if model is not None else []
+    for optim in optimizers(app_state):
+        tensors += [v for entry in optim.state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        total += t.numel() * t.element_size()
+        count += 1
+    return total + 256 * count + (8 << 20)
 
 
 def snapshot(app_state: dict[str, Any], defer_large: bool = False) -> Snapshot:
