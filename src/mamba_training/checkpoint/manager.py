@@ -160,7 +160,8 @@ class CheckpointManager:
         snap = state_io.snapshot(app_state, defer_large=defer)
         if defer:
             self._guard(app_state)
-        job = _Job(step, tokens_seen, snap, state_io.model_shapes(app_state), started, time.monotonic() - started)
+        shapes = state_io.snapshot_model_shapes(snap, app_state)
+        job = _Job(step, tokens_seen, snap, shapes, started, time.monotonic() - started)
         self._settled.clear()
         if self.async_save:
             self._thread = threading.Thread(target=self._run_job, args=(job,), name=f"checkpoint-{step}", daemon=True)

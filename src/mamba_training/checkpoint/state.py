@@ -191,6 +191,15 @@ def rebuild(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def snapshot_model_shapes(snap: Snapshot, app_state: dict[str, Any]) -> dict[str, list[int]]:
+    """The model's tensor shapes from a snapshot taken a moment ago (no second state-dict pass)."""
+    tree = snap.tree.get("model")
+    if find_model(app_state) is None or not isinstance(tree, dict):
+        return {}
+    everything = {**snap.tensors, **snap.pending}
+    return {k: list(everything[v[_TENSOR]].shape) for k, v in tree.items() if isinstance(v, dict) and _TENSOR in v}
+
+
 def model_shapes(app_state: dict[str, Any]) -> dict[str, list[int]]:
     model = find_model(app_state)
     if model is None:
