@@ -47,3 +47,28 @@ def test_a_buffer_too_small_is_not_reused() -> None:
     small = torch.zeros(16, dtype=torch.uint8)
     out = snap.serialize(small)
     assert out.data_ptr() != small.data_ptr() and out.numel() > 16 and int(small.sum()) == 0
+
+
+EXIT_RIGHT_AFTER_THE_FIRST_STEP = """
+import sys, tempfile
+sys.path.insert(0, sys.argv[1])
+from tests.checkpoint.tiny import build, train
+from mamba_training.checkpoint import CheckpointManager
+state = build(width=3_000_000)  # a ~430 MB buffer: still being touched when the process exits
+with tempfile.TemporaryDirectory() as tmp:
+    CheckpointManager(tmp + "/run", cache_dir=tmp + "/c").restore(state)
+    train(state, 1)
+sys.exit(75)
+"""
+
+
+def test_exiting_while_the_buffer_is_allocated_keeps_the_exit_code() -> None:
+    """A daemon thread inside a torch op at interpreter exit aborts the process (SIGABRT): the
+    preempted exit code 75 would be lost. The allocation stops at exit."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", EXIT_RIGHT_AFTER_THE_FIRST_STEP, str(repo)], capture_output=True,
+                            text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 75, result.stderr[-2000:]

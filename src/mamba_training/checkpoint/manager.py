@@ -13,12 +13,14 @@ the newest verified checkpoint when `latest.json` is missing or bad.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,19 @@ from mamba_training.checkpoint.store import Store, open_store
 from mamba_training.errors import CheckpointError, FencedError, StoreError
 
 log = logging.getLogger(__name__)
+
+# Buffer pre-allocation threads still touching pages. A daemon thread inside a torch op while the
+# interpreter finalizes aborts the process (SIGABRT, and the exit code is lost), so at exit they
+# are told to stop and joined: each checks between 64 MiB slices.
+_PREWARMS: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+_STOP_PREWARMS = threading.Event()
+
+
+@atexit.register
+def _stop_prewarms() -> None:
+    _STOP_PREWARMS.set()
+    for thread in list(_PREWARMS):
+        thread.join()
 
 
 def load_verified(manifest: dict[str, Any], paths: dict[str, Path],
@@ -124,6 +139,8 @@ class CheckpointManager:
         self._buffer_lock = threading.Lock()  # the save thread and the buffer pre-allocation
         self._prewarm_hooks: list[Any] = []
         self._prewarm_started = False
+        self._prewarm_thread: threading.Thread | None = None
+        self._closed = False
 
     # ---- policy
     def should_save(self, step: int) -> bool:
@@ -201,6 +218,9 @@ class CheckpointManager:
             self._wait()
         except CheckpointError:
             pass
+        self._closed = True
+        if self._prewarm_thread is not None:
+            self._prewarm_thread.join()
         for handle in [*self._hooks.values(), *self._prewarm_hooks]:
             handle.remove()
         self._hooks.clear()
@@ -410,8 +430,10 @@ class CheckpointManager:
         def after_step(*_: Any) -> None:
             if not self._prewarm_started:  # hooks cannot be removed while step() iterates them
                 self._prewarm_started = True
-                threading.Thread(target=self._prewarm, args=(app_state,), name="checkpoint-prewarm",
-                                 daemon=True).start()
+                self._prewarm_thread = threading.Thread(target=self._prewarm, args=(app_state,),
+                                                        name="checkpoint-prewarm", daemon=True)
+                _PREWARMS.add(self._prewarm_thread)
+                self._prewarm_thread.start()
 
         self._prewarm_hooks = [optim.register_step_post_hook(after_step) for optim in state_io.optimizers(app_state)]
 
@@ -425,6 +447,8 @@ class CheckpointManager:
                 pinned = model is not None and any(p.is_cuda for p in model.parameters())
                 buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
                 for start in range(0, size, 64 << 20):  # touch every page, in slices: no long GIL-free burst
+                    if _STOP_PREWARMS.is_set() or self._closed:
+                        return
                     buffer[start:start + (64 << 20)].fill_(0)
                 self._buffers["tensors"] = buffer
             log.debug("checkpoint buffer of %d bytes allocated ahead of the first save", size)
