@@ -274,6 +274,37 @@ def _load_optimizer(optim: torch.optim.Optimizer, state: dict[str, Any], model: 
     groups = state.get("param_groups", [])
     by_name = any(isinstance(p, str) for g in groups for p in g.get("params", []))
     if by_name and model is not None:
-        set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
+        positional = _by_position(optim, state, model)
+        if positional is not None:
+            optim.load_state_dict(positional)
+        else:
+            set_optimizer_state_dict(model, optim, state, options=StateDictOptions(full_state_dict=True))
     else:
         optim.load_state_dict(state)
+
+
+def _by_position(optim: torch.optim.Optimizer, state: dict[str, Any], model: nn.Module) -> dict[str, Any] | None:
+    """Name-keyed optimizer state in the optimizer's own positional format, or None if names differ.
+
+    set_optimizer_state_dict first runs a zero-learning-rate step to create the state it then
+    overwrites: as long as a real step (0.7 s at 10M parameters, tens of seconds at 350M). For an
+    unsharded model (plain or DDP) the names map to positions directly, and load_state_dict only
+    copies. Names that do not line up (tied or wrapped parameters named differently, FSDP) take
+    the set_optimizer_state_dict path.
+    """
+    names = {id(param): name for name, param in unwrap(model).named_parameters()}
+    saved_groups = state.get("param_groups", [])
+    if len(saved_groups) != len(optim.param_groups):
+        return None
+    position, positional_state, groups = 0, {}, []
+    for saved, current in zip(saved_groups, optim.param_groups):
+        current_names = [names.get(id(param)) for param in current["params"]]
+        if list(saved.get("params", [])) != current_names:
+            return None
+        for name in current_names:
+            if name in state.get("state", {}):
+                positional_state[position] = state["state"][name]
+            position += 1
+        groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                       "params": list(range(position - len(current_names), position))})
+    return {"state": positional_state, "param_groups": groups}
