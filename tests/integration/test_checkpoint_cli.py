@@ -40,7 +40,7 @@ def write_run(url: str, tmp_path: Path, steps=(1, 2, 3)) -> dict:
     return state
 
 
-def test_list_show_verify_as_json_and_tables(store_url: str, tmp_path: Path, capsys) -> None:
+def test_list_show_verify_as_json_and_tables(store_url: str, tmp_path: Path, capsys, monkeypatch) -> None:
     write_run(store_url, tmp_path)
     code, out, _ = cli(capsys, "checkpoints", "list", store_url, "--json")
     listed = json.loads(out)
@@ -49,7 +49,11 @@ def test_list_show_verify_as_json_and_tables(store_url: str, tmp_path: Path, cap
     assert listed["checkpoints"][0]["tokens_seen"] == 12 and listed["checkpoints"][0]["writer_id"] == "cli-test"
 
     code, out, _ = cli(capsys, "checkpoints", "list", store_url)
-    assert code == 0 and "latest" in out and "committed" in out and "cli-test" in out
+    assert code == 0 and "latest" in out and "commit" in out and "writer" not in out  # 80 columns
+    assert max(len(line) for line in out.splitlines()) <= 80
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = cli(capsys, "checkpoints", "list", store_url)
+    assert code == 0 and "cli-test" in out
 
     code, out, _ = cli(capsys, "checkpoints", "show", store_url, "2", "--json")
     shown = json.loads(out)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -111,14 +112,17 @@ def list_command(store_url: str = STORE, as_json: bool = JSON) -> None:
     if not rows:
         typer.echo(f"no checkpoints in {store.url}")
         return
-    table = Table(title=f"checkpoints in {store.url}")
-    for column in ("step", "committed", "latest", "size", "tokens", "world", "writer", "written (UTC)"):
-        table.add_column(column, justify="right" if column in ("step", "size", "tokens", "world") else "left")
-    for r in rows:
-        table.add_row(str(r["step"]), "yes" if r["committed"] else "[red]no[/red]", "latest" if r["latest"] else "",
-                      _size(r["bytes"]), _opt(r["tokens_seen"]), _opt(r["world_size"]), r["writer_id"] or "",
-                      r["time"] or "")
     console = _console()
+    wide = console.width >= 100  # the writer id is long; 80 columns show the rest (--json has everything)
+    table = Table(title=f"checkpoints in {store.url}", box=box.SIMPLE_HEAD)
+    for column in ("step", "commit", "latest", "size", "tokens", "world", "time (UTC)", *(["writer"] if wide else [])):
+        table.add_column(column, justify="right" if column in ("step", "size", "tokens", "world") else "left",
+                         no_wrap=True)
+    for r in rows:
+        when = (r["time"] or "").replace("T", " ").rstrip("Z")
+        table.add_row(str(r["step"]), "yes" if r["committed"] else "[red]no[/red]", "yes" if r["latest"] else "",
+                      _size(r["bytes"]), _opt(r["tokens_seen"]), _opt(r["world_size"]), when,
+                      *([r["writer_id"] or ""] if wide else []))
     console.print(table)
     if pointer is None:
         console.print("latest.json is missing or unreadable: readers use the newest verified checkpoint")
