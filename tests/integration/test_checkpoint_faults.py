@@ -144,3 +144,14 @@ def test_full_local_disk_is_a_clear_error_and_earlier_checkpoints_stay_intact(ti
     filler.unlink()
     fresh = build()
     assert CheckpointManager(str(run), cache_dir=tiny_disk / "cache").restore(fresh).step == 1
+
+
+def test_cli_access_denied_is_one_line_exit_1(proxy: FaultProxy, capsys) -> None:
+    from mamba_training.cli.main import main
+
+    proxy.add("status", method="GET", status=403)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoints", "list", f"s3://{BUCKET}/runs/faulty"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith(f"error: access denied to s3://{BUCKET}/runs/faulty")
+    assert err.count("\n") == 1 and "Traceback" not in err
