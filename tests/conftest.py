@@ -35,7 +35,7 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
 
 @pytest.fixture(autouse=True)
 def _never_touch_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Dummy credentials and no IMDS for every test; no test can reach real AWS or 169.254.169.254."""
+    """Dummy credentials and no IMDS for every test; no test can reach real AWS or the instance metadata service."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "testing")
