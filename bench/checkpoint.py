@@ -122,14 +122,9 @@ def bench_stall(size: str, workdir: Path, saves: int) -> dict:
 
 # --------------------------------------------------------------------------- (b) durable, (c) resume
 def start_moto() -> tuple[subprocess.Popen, str]:
-    from tests.conftest import free_port, wait_for_http
+    from tests.conftest import start_moto as start
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/")
-    return proc, url
+    return start()
 
 
 def bench_durable(size: str, workdir: Path, repeats: int) -> dict:

@@ -42,14 +42,9 @@ CONFIGS = {
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
-    from tests.conftest import free_port, wait_for_http
+    from tests.conftest import start_moto as start
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/moto-api/")
-    return proc, url
+    return start()
 
 
 def launch(config: str, worker: int, trials: int, workdir: Path) -> subprocess.Popen:

@@ -46,11 +46,13 @@ def _never_touch_real_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials-absent"))
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    # No user price file leaks in from the machine: cost tests see only the bundled tables.
+    monkeypatch.delenv("MAMBA_TRAINING_PRICE_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> str:
-    """A moto server subprocess on a free loopback port; yields its base URL."""
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto server subprocess on a free loopback port, ready; returns (process, base URL)."""
     port = free_port()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     proc = subprocess.Popen(
@@ -62,6 +64,17 @@ def moto_server() -> str:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/moto-api/")
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> str:
+    """A moto server subprocess on a free loopback port; yields its base URL."""
+    proc, url = start_moto()
+    try:
         yield url
     finally:
         proc.terminate()

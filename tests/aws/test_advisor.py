@@ -12,12 +12,6 @@ from tests.aws.moto_fleet import spot_history_fixture, utc
 NOW = utc("2026-11-29T00:00:00Z")
 
 
-@pytest.fixture(autouse=True)
-def _no_user_price_file(monkeypatch, tmp_path):
-    monkeypatch.delenv("MAMBA_TRAINING_PRICE_FILE", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-
-
 def test_formula():
     # $0.36/h at 10,000 tok/s = 36 M tok/h -> $0.01/M, +10 % for 0.1 interruption rate at overhead 1
     assert expected_usd_per_million(0.36, 10_000, 0.1, 1.0) == pytest.approx(0.011)

@@ -15,12 +15,6 @@ from tests.aws.moto_fleet import spot_history_fixture, utc
 NOW = utc("2026-11-29T00:00:00Z")
 
 
-@pytest.fixture(autouse=True)
-def _no_user_price_file(monkeypatch, tmp_path):
-    monkeypatch.delenv("MAMBA_TRAINING_PRICE_FILE", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-
-
 def test_bundled_table_has_the_seed_rows_and_the_newer_families_with_a_date():
     table = PriceTable.load()
     assert table.on_demand("g4dn.xlarge", "us-east-1").usd_per_hour == 0.526

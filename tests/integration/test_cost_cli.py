@@ -17,12 +17,6 @@ SEG1 = "20261128T100000Z-ip-10-0-1-5-4242"
 SEG2 = "20261128T120500Z-ip-10-0-2-9-777"
 
 
-@pytest.fixture(autouse=True)
-def _no_user_price_file(monkeypatch, tmp_path):
-    monkeypatch.delenv("MAMBA_TRAINING_PRICE_FILE", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-
-
 def _lines(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
