@@ -33,13 +33,11 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from mamba_training.spot.emulator import ImdsEmulator
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
+sys.path.insert(0, str(REPO))
 BUCKET = "spot-bench"
 
 
@@ -64,6 +63,8 @@ class Segment:
     notice_to_durable_s: float | None = None
     loop_s: float | None = None
     overhead_s: float | None = None  # process wall time outside the training loop: start, resume, exit
+    startup_s: float | None = None  # process start to the first step (trainer-measured): imports, restore
+    ending_s: float | None = None  # the rest of the overhead: emergency checkpoint (or final save) and exit
 
 
 @dataclass
@@ -77,27 +78,10 @@ class Trace:
         return self.useful_s / self.total_s
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).read()
-            return proc, url
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.1)
+    from tests.conftest import start_moto as start  # the one way the tests and benches start moto
+
+    return start()
 
 
 def child_env(endpoint: str | None) -> dict[str, str]:
@@ -200,14 +184,19 @@ def annotate(trace: Trace, store: str) -> None:
 
     records = read_run(store)
     trace.useful_s, loops = useful_seconds(records.metrics)
-    exits = [e for e in records.events if e["kind"] == "exit"]
-    for segment, event, name in zip(trace.segments, exits, records.segments):
+    exits = {e["segment"]: e for e in records.events if e["kind"] == "exit"}
+    starts = {e["segment"]: e for e in records.events if e["kind"] in ("start", "resume")}
+    for segment, name in zip(trace.segments, records.segments):
+        event = exits.get(name, {})
         segment.stopped_at_step = event.get("step")
         segment.lost_steps = event.get("lost_steps")
         segment.notice_to_durable_s = event.get("notice_to_durable_s")
+        segment.startup_s = starts.get(name, {}).get("startup_s")
         segment.loop_s = loops.get(name)
         if segment.loop_s is not None:
             segment.overhead_s = round(segment.wall_s - segment.loop_s, 2)
+            if segment.startup_s is not None:
+                segment.ending_s = round(segment.overhead_s - segment.startup_s, 2)
 
 
 def summarize(baseline: Trace, trace: Trace, every: int, max_steps: int) -> dict:
@@ -229,6 +218,8 @@ def summarize(baseline: Trace, trace: Trace, every: int, max_steps: int) -> dict
         # goodput ~ K*t / (K*t + overhead): the step time at which K steps per interruption reach 95 %
         "mean_step_s": round(trace.useful_s / max_steps, 4),
         "step_time_for_95pct_s": round(per_interruption * 19 / every, 3),
+        "startup_s_per_resume": [s.startup_s for s in trace.segments[1:] if s.startup_s is not None],
+        "ending_s_per_interruption": [s.ending_s for s in interrupted if s.ending_s is not None],
         "steps_lost_per_interruption": lost,
         "steps_lost_total": sum(lost),
         "notice_to_durable_s": {"median": round(statistics.median(durable), 3), "max": round(max(durable), 3)}
@@ -240,15 +231,17 @@ def summarize(baseline: Trace, trace: Trace, every: int, max_steps: int) -> dict
 
 
 def print_table(summary: dict, trace: Trace) -> None:
+    def num(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
     print(f"{'segment':>7} {'exit':>4} {'notice@':>7} {'stop@':>6} {'lost':>4} {'->durable s':>11} "
-          f"{'->exit s':>8} {'wall s':>7} {'loop s':>7}")
+          f"{'->exit s':>8} {'wall s':>7} {'loop s':>7} {'startup s':>9} {'ending s':>8}")
     for s in trace.segments:
         cells = [s.index, s.exit_code, s.notice_posted_at_step or "-", s.stopped_at_step or "-",
-                 "-" if s.lost_steps is None else s.lost_steps,
-                 "-" if s.notice_to_durable_s is None else f"{s.notice_to_durable_s:.2f}",
-                 "-" if s.notice_to_exit_s is None else f"{s.notice_to_exit_s:.2f}",
-                 f"{s.wall_s:.1f}", "-" if s.loop_s is None else f"{s.loop_s:.1f}"]
-        print("{:>7} {:>4} {:>7} {:>6} {:>4} {:>11} {:>8} {:>7} {:>7}".format(*cells))
+                 "-" if s.lost_steps is None else s.lost_steps, num(s.notice_to_durable_s, 2),
+                 num(s.notice_to_exit_s, 2), num(s.wall_s, 1), num(s.loop_s, 1), num(s.startup_s, 2),
+                 num(s.ending_s, 2)]
+        print("{:>7} {:>4} {:>7} {:>6} {:>4} {:>11} {:>8} {:>7} {:>7} {:>9} {:>8}".format(*cells))
     print(f"goodput {summary['goodput']:.1%} (without interruptions {summary['goodput_without_interruptions']:.1%}); "
           f"{summary['interruptions']} interruptions, one every {summary['interrupt_every_steps']} steps; "
           f"steps lost {summary['steps_lost_total']}; overhead per interruption "

@@ -15,11 +15,13 @@ from mamba_training.checkpoint import (
     CheckpointPolicy,
     list_checkpoints,
     open_store,
+    prefetch_latest,
     read_latest,
     verify_checkpoint,
 )
+from mamba_training.checkpoint.protocol import wait_for_prefetch
 from mamba_training.checkpoint.store import LocalStore
-from mamba_training.errors import CheckpointError, FencedError
+from mamba_training.errors import CheckpointError, FencedError, StoreError
 from tests.checkpoint.tiny import build, same, train, weights
 
 
@@ -294,3 +296,48 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load called"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
     assert manager(url, tmp_path).restore(build()).step == 1
+
+
+def test_prefetched_checkpoint_restores_from_the_cache(s3_url: str, tmp_path: Path) -> None:
+    """The CLI starts the download before torch is imported; the restore then reads the cache."""
+    state = build()
+    save_steps(manager(s3_url, tmp_path), state, [2])
+    cache = tmp_path / "replacement-cache"
+    prefetch_latest(s3_url, cache)
+    wait_for_prefetch(cache)
+    store = open_store(s3_url)
+    store.delete([data_file(store, 2)])  # only the cache holds the tensors now
+    resumed = build(seed=0)
+    info = CheckpointManager(s3_url, cache_dir=cache).restore(resumed)
+    assert info is not None and info.step == 2
+    assert same(weights(state), weights(resumed))
+
+
+def test_a_cached_file_changed_after_the_prefetch_is_downloaded_again(s3_url: str, tmp_path: Path) -> None:
+    state = build()
+    save_steps(manager(s3_url, tmp_path), state, [2])
+    cache = tmp_path / "replacement-cache"
+    prefetch_latest(s3_url, cache)
+    wait_for_prefetch(cache)
+    cached = next(p for p in cache.rglob("*.safetensors"))
+    raw = bytearray(cached.read_bytes())
+    raw[-1] ^= 0xFF  # same size, other bytes: the digest remembered from the prefetch no longer holds
+    time.sleep(0.01)
+    cached.write_bytes(bytes(raw))
+    resumed = build(seed=0)
+    assert CheckpointManager(s3_url, cache_dir=cache).restore(resumed).step == 2
+    assert same(weights(state), weights(resumed))
+    assert cached.read_bytes() != bytes(raw)  # replaced by a verified download
+
+
+@pytest.mark.parametrize("case", ["empty run", "no such bucket"])
+def test_a_prefetch_with_nothing_to_fetch_leaves_the_restore_to_report(case: str, s3_url: str, tmp_path: Path) -> None:
+    url = s3_url if case == "empty run" else "s3://no-such-bucket-here/run"
+    cache = tmp_path / "cache"
+    prefetch_latest(url, cache)
+    mgr = CheckpointManager(url, cache_dir=cache)
+    if case == "empty run":
+        assert mgr.restore(build()) is None
+    else:
+        with pytest.raises(StoreError, match="no-such-bucket-here"):
+            mgr.restore(build())

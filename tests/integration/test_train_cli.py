@@ -75,6 +75,12 @@ def events(run: Path) -> list[dict]:
     return rows
 
 
+def segment_events(run: Path) -> list[list[dict]]:
+    """Each segment's events, oldest segment first."""
+    return [[json.loads(line) for line in path.read_text().splitlines()]
+            for path in sorted((run / "records").glob("*/events.jsonl"))]
+
+
 def test_training_writes_a_final_model_transformers_loads(tmp_path: Path) -> None:
     proc = run_cli(train_args(tmp_path, "run"), tmp_path, check=True)
     run = tmp_path / "run"
@@ -91,6 +97,11 @@ def test_training_writes_a_final_model_transformers_loads(tmp_path: Path) -> Non
     assert any("val_loss" in r for r in rows)
     assert list(run.glob("tensorboard/*/events.out.tfevents.*"))
     assert [e["kind"] for e in events(run)][-1] == "exit"
+    start = events(run)[0]
+    assert start["kind"] == "start" and 0 < start["startup_s"] < 120
+    # The process ends without interpreter teardown: everything it printed still arrives, the sample last.
+    tail = proc.stdout.split("sample:", 1)[1]
+    assert "final model:" in proc.stdout and tail.strip(), proc.stdout
 
 
 def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> None:
@@ -117,6 +128,13 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     assert exit_event["reason"] == "signal:SIGTERM" and exit_event["lost_steps"] == 0
     run_cli(args, tmp_path, check=True)
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+    # The resumed segment records its start-up time, and no 'checkpoint' event for the checkpoint
+    # it restored (that one is already in the first segment's events).
+    resumed = segment_events(run)[-1]
+    assert resumed[0]["kind"] == "resume" and 0 < resumed[0]["startup_s"] < 120
+    restored = resumed[0]["step"]
+    assert restored == exit_event["committed_step"]
+    assert all(e["checkpoint_step"] > restored for e in resumed if e["kind"] == "checkpoint")
 
 
 def test_resume_never_refuses_a_store_with_checkpoints(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from mamba_training.checkpoint.protocol import (
     step_prefix,
     utc_now,
     verify_checkpoint,
+    wait_for_prefetch,
 )
 from mamba_training.checkpoint.store import Store, open_store
 from mamba_training.errors import CheckpointError, FencedError, StoreError
@@ -382,6 +384,7 @@ class CheckpointManager:
         """
         self._wait()
         started = time.monotonic()
+        wait_for_prefetch(self.cache_dir)  # the CLI may have started the download before importing torch
         found = self.store.read_with_etag(LATEST)
         self._etag, self._etag_known = (found[1] if found else None), True
         pointer = parse_pointer(found[0]) if found else None
@@ -475,10 +478,14 @@ class CheckpointManager:
             self.store.put_file(key, path, progress=advance)
 
     def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
-        """Upload every file under `local_dir` to `prefix/` (rank 0 only)."""
+        """Upload every file under `local_dir` to `prefix/` (rank 0 only), several at once: the run's
+        records go up on the stop path, where each round trip counts."""
         if self.rank != 0:
             return
         base = Path(local_dir)
-        for path in sorted(base.rglob("*")):
-            if path.is_file():
-                self.upload_run_file(f"{prefix.rstrip('/')}/{path.relative_to(base).as_posix()}", path)
+        files = [path for path in sorted(base.rglob("*")) if path.is_file()]
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(files))), thread_name_prefix="upload") as pool:
+            futures = [pool.submit(self.upload_run_file, f"{prefix.rstrip('/')}/{path.relative_to(base).as_posix()}",
+                                   path) for path in files]
+            for future in futures:
+                future.result()

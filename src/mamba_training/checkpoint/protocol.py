@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +184,7 @@ def verify_checkpoint(store: Store, step: int, cache_dir: str | Path | None = No
             if cache_dir is None:
                 raise CheckpointError(f"no cache folder to download {store.describe(key)} into")
             local = Path(cache_dir) / cache_name(store) / prefix / name
-            if not (local.is_file() and local.stat().st_size == size and sha256_file(local) == digest):
+            if not (local.is_file() and local.stat().st_size == size and _sha256(local) == digest):
                 advance = progress(f"download {name}", size) if progress else None
                 try:
                     store.get_file(key, local, progress=advance)
@@ -194,10 +195,69 @@ def verify_checkpoint(store: Store, step: int, cache_dir: str | Path | None = No
         actual = local.stat().st_size
         if actual != size:
             raise CheckpointError(f"checkpoint file {store.describe(key)} is {actual} bytes, manifest says {size}")
-        if sha256_file(local) != digest:
+        if _sha256(local) != digest:
             raise CheckpointError(f"checkpoint file {store.describe(key)} fails its sha256 check")
         paths[name] = local
     return manifest, paths
+
+
+# Digests this process computed, by path, valid while the file's size and mtime stay the same:
+# a restore after a prefetch (below) does not hash gigabytes twice.
+_digests: dict[Path, tuple[int, int, str]] = {}
+_digests_lock = threading.Lock()
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    with _digests_lock:
+        known = _digests.get(path)
+    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    digest = sha256_file(path)
+    with _digests_lock:
+        _digests[path] = (stat.st_size, stat.st_mtime_ns, digest)
+    return digest
+
+
+# --------------------------------------------------------------------------- prefetch
+_prefetches: dict[str, threading.Thread] = {}
+
+
+def prefetch_latest(store_url: str, cache_dir: str | Path, progress: ProgressFactory | None = None) -> None:
+    """Start downloading and verifying the checkpoint latest.json names into `cache_dir`, in a
+    background thread, before torch is even imported.
+
+    A replacement spot instance spends seconds importing torch and building the model before it
+    can restore; the S3 client set-up, the download and the sha256 (hashlib releases the GIL) run
+    meanwhile. `CheckpointManager.restore` waits for it and finds the files in its cache. Best
+    effort: whatever goes wrong here is left for the restore to find and report.
+    """
+    from mamba_training.checkpoint.store import open_store
+
+    def work() -> None:
+        try:
+            store = open_store(store_url)
+            if store.local_path(LATEST) is not None:
+                return  # a local store is read in place
+            pointer = read_latest(store)
+            if pointer is not None:
+                verify_checkpoint(store, pointer["step"], cache_dir, progress)
+        except Exception as error:  # noqa: BLE001 - the restore reports it properly
+            log.debug("prefetching the latest checkpoint of %s did not finish: %s", store_url, error)
+
+    thread = threading.Thread(target=work, name="checkpoint-prefetch", daemon=True)
+    _prefetches[str(Path(cache_dir).absolute())] = thread
+    thread.start()
+
+
+def wait_for_prefetch(cache_dir: str | Path | None) -> None:
+    """Block until the prefetch into `cache_dir` (if one was started in this process) is done."""
+    if cache_dir is None:
+        return
+    thread = _prefetches.pop(str(Path(cache_dir).absolute()), None)
+    if thread is not None:
+        thread.join()
+
 
 
 

@@ -6,13 +6,14 @@ stderr and its exit code (2 usage, 1 runtime, 75 preempted); never a traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import click
 import typer
 
-from mamba_training import __version__
+from mamba_training import __version__, cli
 from mamba_training.cli import checkpoints, costs, fleet, prepare, spot, train
 from mamba_training.errors import EXIT_USAGE, MambaTrainingError, Preempted
 
@@ -67,14 +68,22 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {message}", err=True)
         code = error.exit_code
         if isinstance(error, Preempted) and argv is None:
-            # The state is durable; skip seconds of interpreter teardown inside the stop budget.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            _exit_now(code)  # the state is durable; skip seconds of interpreter teardown inside the stop budget
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == 0 and argv is None and cli.skip_teardown:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once: output flushed, log handlers closed, no interpreter teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 __all__ = ["app", "main", "EXIT_USAGE"]

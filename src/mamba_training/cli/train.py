@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mamba_training import cli
 from mamba_training.config import load_config
 from mamba_training.logging_setup import setup_logging
 
@@ -29,8 +30,9 @@ def train(
     setup_logging(cfg.logging.level)
     import os
 
-    from mamba_training.train.trainer import Trainer
+    from mamba_training.train import startup
 
+    startup.pause_gc()  # until the first step: a replacement instance resumes sooner (train/startup.py)
     console = Console(stderr=True)
     is_main = os.environ.get("RANK", "0") == "0"
     show_bar = is_main and not quiet and console.is_terminal
@@ -57,10 +59,17 @@ def train(
 
         return advance
 
-    trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None,
-                      on_progress=on_progress, transfer_progress=transfer)
     with progress:
+        if resume == "auto":  # download the checkpoint to resume from while torch imports
+            from mamba_training.checkpoint import prefetch_latest
+
+            prefetch_latest(cfg.checkpoint.store, cfg.checkpoint.cache_dir, transfer if is_main else None)
+        from mamba_training.train.trainer import Trainer
+
+        trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None,
+                          on_progress=on_progress, transfer_progress=transfer)
         result = trainer.run()
+    cli.skip_teardown = True  # everything is written, uploaded and closed
     if not is_main:
         return
     out = Console()

@@ -33,7 +33,7 @@ from mamba_training.data import BatchSampler, TokenDataset, eval_batches, load_t
 from mamba_training.errors import EXIT_PREEMPTED, Preempted, UsageError
 from mamba_training.logging_setup import add_json_log
 from mamba_training.model import MambaConfig, MambaLM, load_hf_weights, save_hf
-from mamba_training.train import distributed
+from mamba_training.train import distributed, startup
 from mamba_training.train.metrics import CloudWatchSink, Sinks, TensorBoardSink
 from mamba_training.train.optim import build_optimizer, build_scheduler
 from mamba_training.train.records import LEDGER, LOG, RecordWriter, new_segment_id, read_run
@@ -238,6 +238,7 @@ class Trainer:
                     f"{existing.step}; use --resume auto or another checkpoint.store"
                 )
         if info is not None:
+            self._recorded_commit = info.step  # already in the run's events: no new 'checkpoint' event
             log.info("resumed from step %d (%s)", info.step, info.path if hasattr(info, "path") else "store")
             if self.init_from:
                 log.warning("--init-from %s ignored: the run resumes from its own checkpoint", self.init_from)
@@ -360,21 +361,24 @@ class Trainer:
             losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item())
         return float(np.mean(losses))
 
-    def _save(self, blocking: bool = False) -> None:
+    def _save(self, blocking: bool = False, upload_records: bool = True) -> None:
         start = time.monotonic()
         self.checkpoints.save(self.state.step, self.state.tokens_seen, self._app_state())
         if blocking or not self.config.checkpoint.async_save:
             self.checkpoints.flush()
             self._last_save_seconds = time.monotonic() - start
-            self._after_commit()
+            self._after_commit(upload_records)
 
-    def _after_commit(self) -> None:
+    def _after_commit(self, upload_records: bool = True) -> None:
+        """Record a new commit in the run's events; upload the records with it unless the caller
+        (an ending, which uploads them once after its exit record) says not to."""
         commit = self.checkpoints.last_commit
         if commit is not None and commit.step != getattr(self, "_recorded_commit", None):
             self._recorded_commit = commit.step
             self._record_event("checkpoint", checkpoint_step=commit.step,
                                seconds=round(getattr(commit, "seconds", self._last_save_seconds), 3))
-            self._upload_records()
+            if upload_records:
+                self._upload_records()
 
     # ----------------------------------------------------------------- run
     def run(self) -> TrainResult:
@@ -462,8 +466,14 @@ class Trainer:
                                          cfg.train.eval_batches, cfg.train.seed + 1)
         if self.dist.is_main:
             self._write_config()
+        ready_after = startup.process_age()
+        if self.dist.is_main:
             self._record_event("resume" if resumed_from is not None else "start",
-                               world_size=self.dist.world_size, device=str(self.dist.device))
+                               world_size=self.dist.world_size, device=str(self.dist.device),
+                               **({"startup_s": round(ready_after, 2)} if ready_after is not None else {}))
+        if ready_after is not None:
+            log.info("training from step %d, %.1fs after the process started", self.state.step, ready_after)
+        startup.resume_gc()
         log.info("config %s", cfg.to_dict())
         start_step = self.state.step
         started = time.monotonic()
@@ -498,7 +508,7 @@ class Trainer:
                     values["val_loss"] = val_loss
                 if self.ledger is not None:
                     values["cost_usd"] = self._prior_cost + self.ledger.update(self.state.tokens_seen)
-                self._log_metrics(values, now - started)
+                self._log_metrics(values, time.monotonic() - started)  # the evaluation included
                 self.on_progress({"step": step, "max_steps": cfg.train.max_steps, "loss": loss,
                                   "val_loss": val_loss, "tokens_per_s": tps, "start_step": start_step})
                 if self._over_budget(values):
@@ -524,9 +534,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- endings
     def _commit_now(self, deadline: float | None = None) -> int | None:
-        """Flush the in-flight save, then save the current step unless it is already committed."""
+        """Flush the in-flight save, then save the current step unless it is already committed.
+        The caller uploads the run's records afterwards, once, with its exit record."""
         self.checkpoints.flush()
-        self._after_commit()
+        self._after_commit(upload_records=False)
         committed = self.checkpoints.last_commit
         if committed is not None and committed.step >= self.state.step:
             return committed.step
@@ -539,7 +550,7 @@ class Trainer:
                     committed.step if committed else "none",
                 )
                 return committed.step if committed else None
-        self._save(blocking=True)
+        self._save(blocking=True, upload_records=False)
         return self.state.step
 
     def _preempt(self, resumed_from: int | None, started: float) -> TrainResult:
