@@ -234,6 +234,33 @@ def test_notice_at_a_random_step_then_a_fresh_instance_resumes_from_s3_bitwise(
     assert next(e for e in records.events if e["kind"] == "resume")["step"] == stopped
     assert [e["lost_steps"] for e in exits(records.events)] == [0, 0]
     assert_every_step_once(records.metrics)
+    # The replacement's running cost starts from what the first instance spent.
+    first_cost = next(l["cost_usd"] for l in records.ledgers if l["segment"] == records.segments[0])
+    resumed = [m for m in records.metrics if m["segment"] == records.segments[-1]]
+    assert first_cost > 0 and resumed[0]["cost_usd"] >= first_cost
+
+
+def test_the_budget_counts_every_instance_of_the_run(data: Path, emulator: ImdsEmulator, s3: str,
+                                                     tmp_path: Path) -> None:
+    """train.max_cost_usd stops the run with a checkpoint; a replacement that starts already over
+    the budget (earlier segments' ledgers) stops again at its first metrics line."""
+    store = f"s3://{BUCKET}/budget"
+    sets = [f"spot.imds_url={emulator.url}", "train.max_cost_usd=0.0004"]  # ~1.4 s of a $1/h instance
+    first = Training(tmp_path, "first", store, *sets, data=data, endpoint=s3)
+    assert first.wait() == 0, first.output()
+    assert "stopped:" in first.output() and "max_cost_usd" in first.output()
+    records = read_run(store)
+    (stop,) = exits(records.events)
+    assert stop["reason"] == "budget" and stop["committed_step"] == stop["step"] < MAX_STEPS
+    assert_committed("budget", stop["step"])
+
+    second = Training(tmp_path, "second", store, *sets, data=data, endpoint=s3)
+    assert second.wait() == 0, second.output()
+    records = read_run(store)
+    again = exits(records.events)[-1]
+    assert again["reason"] == "budget" and again["step"] == stop["step"] + 1  # log_every=1: one step
+    spent = [l["cost_usd"] for l in records.ledgers]
+    assert len(spent) == 2 and sum(spent) > 0.0004
 
 
 def test_three_interruptions_in_one_run(

@@ -84,8 +84,10 @@ def _json_lines(blob: bytes) -> list[dict[str, Any]]:
     return rows
 
 
-def read_run(store_url: str) -> RunRecords:
-    """Read every segment's records (and the resolved config) of the run at `store_url`."""
+def read_run(store_url: str, only: tuple[str, ...] = (METRICS, EVENTS, LEDGER)) -> RunRecords:
+    """Read every segment's records (and the resolved config) of the run at `store_url`;
+    `only=(LEDGER,)` reads just the cost ledgers (what a resuming trainer needs: one small
+    object per segment instead of every segment's metrics), and no config."""
     from mamba_training.checkpoint import open_store
 
     store = open_store(store_url)
@@ -93,7 +95,7 @@ def read_run(store_url: str) -> RunRecords:
     by_segment: dict[str, dict[str, str]] = {}
     for obj in store.list("records/"):
         parts = obj.key.split("/")
-        if len(parts) == 3:
+        if len(parts) == 3 and parts[2] in only:
             by_segment.setdefault(parts[1], {})[parts[2]] = obj.key
     for segment in sorted(by_segment):
         files = by_segment[segment]
@@ -107,7 +109,7 @@ def read_run(store_url: str) -> RunRecords:
                 records.ledgers.append(json.loads(store.get_bytes(files[LEDGER])))
             except json.JSONDecodeError:
                 pass
-    if store.exists("config.yaml"):
+    if only == (METRICS, EVENTS, LEDGER) and store.exists("config.yaml"):
         records.config = yaml.safe_load(store.get_bytes("config.yaml"))
     records.metrics.sort(key=lambda m: (m.get("time", ""), m.get("step", 0)))
     records.events.sort(key=lambda e: e.get("time", ""))

@@ -438,16 +438,27 @@ class Trainer:
             log.warning("no price for %s (%s): cost counts as 0", itype, error)
             price, on_demand, source = 0.0, 0.0, "unknown"
         log.info("cost ledger: %s %s %s at $%.4f/h (%s)", itype, az, lifecycle, price, source)
-        self._prior_cost = self._previous_segments_cost()
+        # Earlier segments' cost is first needed at the first metrics line: read it meanwhile.
+        self._prior_cost_reader = threading.Thread(target=self._read_prior_cost, name="prior-cost", daemon=True)
+        self._prior_cost_reader.start()
         return Ledger.start(self.records.dir / LEDGER, itype, az, lifecycle, region, price, on_demand,
                             tokens_at_start=self.state.tokens_seen)
 
-    def _previous_segments_cost(self) -> float:
+    def _read_prior_cost(self) -> None:
         try:
-            ledgers = read_run(self.config.checkpoint.store).ledgers
-        except Exception:
-            return 0.0
-        return sum(float(l.get("cost_usd", 0.0)) for l in ledgers if l.get("segment") != self.segment)
+            ledgers = read_run(self.config.checkpoint.store, only=(LEDGER,)).ledgers
+            self._prior_cost_value = sum(float(l.get("cost_usd", 0.0)) for l in ledgers
+                                         if l.get("segment") != self.segment)
+        except Exception as error:  # the ledger of this segment still counts; say what is missing
+            log.warning("could not read the cost of earlier segments (%s): cost_usd counts this one only", error)
+
+    @property
+    def _prior_cost(self) -> float:
+        """What the run's earlier segments cost (0 until known, or if unreadable)."""
+        reader = getattr(self, "_prior_cost_reader", None)
+        if reader is not None:
+            reader.join()
+        return getattr(self, "_prior_cost_value", 0.0)
 
     def _write_config(self) -> None:
         path = self.run_dir / "config.yaml"
