@@ -111,10 +111,13 @@ class Process:
         best = 0
         for root in [self.cache] + ([local_run] if local_run else []):
             for path in root.glob("**/records/*/metrics.jsonl"):
-                for line in path.read_text().splitlines()[-3:]:
+                with open(path, "rb") as fh:  # the last lines only: the bench must not compete for the CPU
+                    fh.seek(max(0, path.stat().st_size - 1024))
+                    tail = fh.read().decode(errors="replace")
+                for line in tail.splitlines()[-3:]:
                     try:
                         best = max(best, int(json.loads(line)["step"]))
-                    except (ValueError, KeyError):
+                    except (ValueError, KeyError):  # a partial first line of the tail, or mid-write
                         continue
         return best
 
@@ -138,7 +141,7 @@ def run_trace(workdir: Path, name: str, store: str, sets: list[str], endpoint: s
         try:
             if emulator and index < interruptions:
                 while proc.proc.poll() is None and (notice_step := proc.latest_step(local_run)) < target:
-                    time.sleep(0.02)
+                    time.sleep(0.05)
                 emulator.interrupt("terminate")
                 notice_posted = time.monotonic()
             code = proc.wait()
