@@ -298,13 +298,19 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert manager(url, tmp_path).restore(build()).step == 1
 
 
-def test_prefetched_checkpoint_restores_from_the_cache(s3_url: str, tmp_path: Path) -> None:
-    """The CLI starts the download before torch is imported; the restore then reads the cache."""
+def prefetched(s3_url: str, tmp_path: Path) -> tuple[dict, Path]:
+    """A run with a checkpoint at step 2, prefetched into a replacement's empty cache."""
     state = build()
     save_steps(manager(s3_url, tmp_path), state, [2])
     cache = tmp_path / "replacement-cache"
     prefetch_latest(s3_url, cache)
     wait_for_prefetch(cache)
+    return state, cache
+
+
+def test_prefetched_checkpoint_restores_from_the_cache(s3_url: str, tmp_path: Path) -> None:
+    """The CLI starts the download before torch is imported; the restore then reads the cache."""
+    state, cache = prefetched(s3_url, tmp_path)
     store = open_store(s3_url)
     store.delete([data_file(store, 2)])  # only the cache holds the tensors now
     resumed = build(seed=0)
@@ -314,11 +320,7 @@ def test_prefetched_checkpoint_restores_from_the_cache(s3_url: str, tmp_path: Pa
 
 
 def test_a_cached_file_changed_after_the_prefetch_is_downloaded_again(s3_url: str, tmp_path: Path) -> None:
-    state = build()
-    save_steps(manager(s3_url, tmp_path), state, [2])
-    cache = tmp_path / "replacement-cache"
-    prefetch_latest(s3_url, cache)
-    wait_for_prefetch(cache)
+    state, cache = prefetched(s3_url, tmp_path)
     cached = next(p for p in cache.rglob("*.safetensors"))
     raw = bytearray(cached.read_bytes())
     raw[-1] ^= 0xFF  # same size, other bytes: the digest remembered from the prefetch no longer holds
