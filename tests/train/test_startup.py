@@ -48,3 +48,15 @@ def test_process_age_counts_from_the_process_start() -> None:
     first, later = (float(x) for x in out.split())
     assert 0.0 <= first < 20.0
     assert 0.8 <= later - first <= 5.0
+
+
+def test_a_train_command_that_fails_before_its_first_step_turns_collection_back_on(tmp_path) -> None:
+    out = run_python(f"""
+        import gc
+        from mamba_training.cli.main import main
+        try:
+            main(["train", "--set", "checkpoint.store={tmp_path / 'run'}", "--set", "data.corpus={tmp_path / 'none.txt'}"])
+        except SystemExit as exit:
+            print(exit.code, gc.isenabled())
+    """)
+    assert out.splitlines()[-1] == "2 True", out  # the missing corpus is a usage error

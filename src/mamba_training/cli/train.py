@@ -59,16 +59,19 @@ def train(
 
         return advance
 
-    with progress:
-        if resume == "auto":  # download the checkpoint to resume from while torch imports
-            from mamba_training.checkpoint import prefetch_latest
+    try:
+        with progress:
+            if resume == "auto":  # download the checkpoint to resume from while torch imports
+                from mamba_training.checkpoint import prefetch_latest
 
-            prefetch_latest(cfg.checkpoint.store, cfg.checkpoint.cache_dir, transfer if is_main else None)
-        from mamba_training.train.trainer import Trainer
+                prefetch_latest(cfg.checkpoint.store, cfg.checkpoint.cache_dir, transfer if is_main else None)
+            from mamba_training.train.trainer import Trainer
 
-        trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None,
-                          on_progress=on_progress, transfer_progress=transfer)
-        result = trainer.run()
+            trainer = Trainer(cfg, resume=resume, init_from=str(init_from) if init_from else None,
+                              on_progress=on_progress, transfer_progress=transfer)
+            result = trainer.run()
+    finally:
+        startup.resume_gc()  # a run that failed before its first step leaves the collector on too
     cli.skip_teardown = True  # everything is written, uploaded and closed
     if not is_main:
         return
