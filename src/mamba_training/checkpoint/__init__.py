@@ -27,8 +27,8 @@ from mamba_training.checkpoint.store import LocalStore, NotFound, ObjectInfo, S3
 
 __all__ = [
     "CheckpointManager", "CheckpointPolicy", "CheckpointSummary", "CommitInfo", "RestoreInfo", "RetentionPlan",
-    "apply_retention", "download_checkpoint", "latest_committed_step", "list_checkpoints", "prefetch_latest", "read_latest",
-    "retention_plan", "upload_checkpoint", "verify_checkpoint",
+    "apply_retention", "download_checkpoint", "latest_committed_step", "list_checkpoints", "prefetch_latest",
+    "read_latest", "retention_plan", "upload_checkpoint", "verify_checkpoint",
     "LocalStore", "NotFound", "ObjectInfo", "S3Store", "Store", "open_store",
 ]
 

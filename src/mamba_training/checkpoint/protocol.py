@@ -259,9 +259,6 @@ def wait_for_prefetch(cache_dir: str | Path | None) -> None:
         thread.join()
 
 
-
-
-
 # --------------------------------------------------------------------------- retention
 @dataclass(frozen=True)
 class RetentionPlan:

@@ -84,7 +84,10 @@ def _json_lines(blob: bytes) -> list[dict[str, Any]]:
     return rows
 
 
-def read_run(store_url: str, only: tuple[str, ...] = (METRICS, EVENTS, LEDGER)) -> RunRecords:
+ALL_RECORDS = (METRICS, EVENTS, LEDGER)
+
+
+def read_run(store_url: str, only: tuple[str, ...] = ALL_RECORDS) -> RunRecords:
     """Read every segment's records (and the resolved config) of the run at `store_url`;
     `only=(LEDGER,)` reads just the cost ledgers (what a resuming trainer needs: one small
     object per segment instead of every segment's metrics), and no config."""
@@ -109,7 +112,7 @@ def read_run(store_url: str, only: tuple[str, ...] = (METRICS, EVENTS, LEDGER)) 
                 records.ledgers.append(json.loads(store.get_bytes(files[LEDGER])))
             except json.JSONDecodeError:
                 pass
-    if only == (METRICS, EVENTS, LEDGER) and store.exists("config.yaml"):
+    if only == ALL_RECORDS and store.exists("config.yaml"):
         records.config = yaml.safe_load(store.get_bytes("config.yaml"))
     records.metrics.sort(key=lambda m: (m.get("time", ""), m.get("step", 0)))
     records.events.sort(key=lambda e: e.get("time", ""))
