@@ -155,6 +155,28 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     assert all(e["checkpoint_step"] > restored for e in resumed if e["kind"] == "checkpoint")
 
 
+def test_a_stop_past_its_deadline_keeps_the_last_commit_and_the_resume_is_exact(tmp_path: Path) -> None:
+    """A SIGTERM whose grace has already run out at the boundary: the emergency checkpoint would
+    not fit (the step-5 commit's measured time exceeds what is left), so step 5 stays
+    authoritative; the stopped step drew no batch, and the resumed run is bitwise a straight one."""
+    run_cli(train_args(tmp_path, "straight"), tmp_path, check=True)
+    args = train_args(tmp_path, "stopped", "spot.grace_seconds=0.000001")
+    control = tmp_path / "control"
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_training", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **held_env(control, 7)})
+    wait_for_file(control / "reached-7", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err
+    assert "step 5 stays authoritative" in err
+    run = tmp_path / "stopped"
+    exit_event = [e for e in events(run) if e["kind"] == "exit"][-1]
+    assert (exit_event["step"], exit_event["committed_step"], exit_event["lost_steps"]) == (7, 5, 2)
+    run_cli(args, tmp_path, check=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
+
+
 def test_resume_never_refuses_a_store_with_checkpoints(tmp_path: Path) -> None:
     run_cli(train_args(tmp_path, "run", "train.max_steps=5"), tmp_path, check=True)
     proc = run_cli([*train_args(tmp_path, "run", "train.max_steps=5"), "--resume", "never"], tmp_path)
