@@ -100,7 +100,10 @@ def test_tampered_file_is_never_loaded_and_restore_falls_back(store_url: str, tm
     fresh = build()
     with caplog.at_level(logging.WARNING):
         info = manager(store_url, tmp_path).restore(fresh)
-    assert info.step == 1 and "skipping checkpoint step 2" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert info.step == 1 and len(warnings) == 1, warnings  # which checkpoint and why, in one line
+    assert "step_00000001, the newest that verifies: step 2 skipped" in warnings[0]
+    assert f"{key} fails its sha256 check" in warnings[0]
     assert same(weights(fresh), weights(expected))
 
 
