@@ -489,9 +489,9 @@ class CheckpointManager:
         if pointer is not None and pointer["step"] in committed:
             return [pointer["step"]] + [s for s in committed if s < pointer["step"]]
         if committed:
-            state = "missing" if not pointer_exists else "unreadable" if pointer is None else \
-                f"naming step {pointer['step']}, which has no readable manifest"
-            reasons.append(f"{self.store.describe(LATEST)} is {state}")
+            state = "is missing" if not pointer_exists else "is unreadable" if pointer is None else \
+                f"names step {pointer['step']}, which has no readable manifest"
+            reasons.append(f"{self.store.describe(LATEST)} {state}")
         if pointer is not None and pointer["step"] not in committed:
             # A step this writer may commit over when it gets there (its manifest, if any, is bad).
             seen = self.store.read_with_etag(f"{step_prefix(pointer['step'])}/{MANIFEST}")
