@@ -27,7 +27,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -116,6 +116,7 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         progress: ProgressFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = open_store(store) if isinstance(store, (str, Path)) else store
         self.policy = policy
@@ -133,7 +134,8 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._fenced: FencedError | None = None
         self._last_commit: CommitInfo | None = None
-        self._last_save_time = time.monotonic()
+        self.clock = clock  # for the every-minutes policy only; tests move it by hand
+        self._last_save_time = clock()
         self._copied = threading.Event()  # the in-flight save has copied the state
         self._copied.set()
         self._settled = threading.Event()  # the in-flight save has committed or failed
@@ -152,10 +154,7 @@ class CheckpointManager:
 
     # ---- policy
     def should_save(self, step: int) -> bool:
-        if self.policy.every_steps and step % self.policy.every_steps == 0:
-            return True
-        minutes = self.policy.every_minutes
-        return bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
+        return self.policy.due(step, self.clock() - self._last_save_time)
 
     @property
     def last_commit(self) -> CommitInfo | None:
@@ -173,7 +172,7 @@ class CheckpointManager:
         else that changes parameters in place must call `wait_snapshot()` first.
         """
         self._raise_failures()
-        self._last_save_time = time.monotonic()
+        self._last_save_time = self.clock()
         if self.rank != 0:
             return
         self._wait()

@@ -51,6 +51,12 @@ class CheckpointPolicy:
     keep_last: int = 3
     keep_every: int = 0
 
+    def due(self, step: int, seconds_since_save: float) -> bool:
+        """Whether a checkpoint is due at `step`, `seconds_since_save` after the last save began."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_minutes) and seconds_since_save >= self.every_minutes * 60
+
 
 @dataclass(frozen=True)
 class CommitInfo:
