@@ -7,8 +7,11 @@ state, that it never went behind a commit the killed process reported, and that 
 with a manifest verifies.
 
 Configurations: local folder and S3 (a moto server on loopback), each with a tiny checkpoint
-(~25 KB: kills land anywhere, restores included) and a larger one (~9 MB: most kills land while
-data is being written or uploaded).
+(~25 KB) and a larger one (~9 MB). Each trial waits until the child has committed a drawn number
+of checkpoints (0-3), then a drawn delay (up to the config's max), then kills it. A kill counts
+only when it ended the child (wait status SIGKILL); the report says how many landed mid-save (a
+save begun, its latest.json write not yet returned) and how many during the restore. Seeds are
+fixed per worker and written to the JSON.
 
     .venv/bin/python bench/kill_trials.py                     # 4 configs x 100 trials
     .venv/bin/python bench/kill_trials.py --trials 20 --jobs 2
@@ -41,6 +44,10 @@ CONFIGS = {
 }
 
 
+COUNTS = ("trials", "kills", "mid_save_kills", "restore_kills", "exited_before_kill", "completed_runs",
+          "restore_checks")
+
+
 def start_moto() -> tuple[subprocess.Popen, str]:
     from tests.conftest import start_moto as start
 
@@ -59,16 +66,17 @@ def launch(config: str, worker: int, trials: int, workdir: Path) -> subprocess.P
         bucket = f"kill-{config.lower()}-{worker}".replace("_", "-")
         client("s3").create_bucket(Bucket=bucket)
         args += ["--store", f"s3://{bucket}/trials"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 
 def merge(reports: list[dict]) -> dict:
-    out = {"trials": 0, "kills": 0, "completed_runs": 0, "restore_checks": 0, "problems": [], "seconds": 0.0}
+    out = {key: 0 for key in COUNTS} | {"seeds": [], "problems": [], "seconds": 0.0}
     steps: list[int] = []
     for r in reports:
-        for key in ("trials", "kills", "completed_runs", "restore_checks"):
+        for key in COUNTS:
             out[key] += r[key]
+        out["seeds"].append(r["seed"])
         out["problems"] += r["problems"]
         out["seconds"] = max(out["seconds"], r["seconds"])
         steps += r["latest_steps"]
@@ -88,7 +96,8 @@ def main() -> None:
         os.environ.setdefault(key, value)
     configs = [c for c in args.configs.split(",") if c]
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "configs": {}}
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "trials_per_config": args.trials, "jobs": args.jobs, "configs": {}}
     moto = None
     try:
         if any(CONFIGS[c][0] == "s3" for c in configs):
@@ -109,15 +118,15 @@ def main() -> None:
                 results["configs"][config] = {"store": CONFIGS[config][0], "width": CONFIGS[config][1],
                                               "max_delay_s": CONFIGS[config][2], "steps": CONFIGS[config][3],
                                               **merged}
-                print(f"{config:12} {merged['trials']:4} trials  {merged['kills']:4} kills  "
-                      f"{len(merged['problems'])} problems  ({merged['seconds']:.0f}s)", flush=True)
+                print(f"{config:12} {merged['trials']:4} trials  {merged['kills']:4} kills "
+                      f"({merged['mid_save_kills']} mid-save)  {len(merged['problems'])} problems  "
+                      f"({merged['seconds']:.0f}s)", flush=True)
     finally:
         if moto is not None:
             moto.terminate()
             moto.wait(timeout=10)
     print_table(results["configs"])
-    results["total"] = {key: sum(c[key] for c in results["configs"].values())
-                        for key in ("trials", "kills", "completed_runs", "restore_checks")}
+    results["total"] = {key: sum(c[key] for c in results["configs"].values()) for key in COUNTS}
     results["total"]["problems"] = sum(len(c["problems"]) for c in results["configs"].values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
@@ -127,12 +136,14 @@ def main() -> None:
 
 
 def print_table(configs: dict) -> None:
-    header = f"{'config':12} {'trials':>6} {'kills':>6} {'finished':>8} {'restored':>8} {'problems':>8} {'seconds':>8}"
+    header = (f"{'config':12} {'trials':>6} {'kills':>6} {'mid-save':>8} {'restore':>7} {'exited':>6} "
+              f"{'finished':>8} {'checked':>7} {'problems':>8} {'seconds':>7}")
     print(header)
     print("-" * len(header))
     for name, c in configs.items():
-        print(f"{name:12} {c['trials']:6} {c['kills']:6} {c['completed_runs']:8} {c['restore_checks']:8} "
-              f"{len(c['problems']):8} {c['seconds']:8.0f}")
+        print(f"{name:12} {c['trials']:6} {c['kills']:6} {c['mid_save_kills']:8} {c['restore_kills']:7} "
+              f"{c['exited_before_kill']:6} {c['completed_runs']:8} {c['restore_checks']:7} "
+              f"{len(c['problems']):8} {c['seconds']:7.0f}")
         for problem in c["problems"][:5]:
             print(f"    {problem}")
 

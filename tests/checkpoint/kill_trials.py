@@ -7,6 +7,14 @@ After every kill the run store is checked:
 - every checkpoint that has a manifest verifies (a manifest is never written before its data).
 The next trial resumes from the store, so kills land in restores, saves, commits and retention.
 
+Kill moments come from a seeded RNG (the seed is in the report) and from the child's progress,
+not from the machine's speed: each trial waits until the child has committed a drawn number of
+checkpoints (0-3; 0 lets the kill land in the restore), then a drawn delay, then sends SIGKILL.
+A kill counts only when it ended the child (its wait status says SIGKILL): a child that had
+already finished is counted apart. The child marks in shared memory when a save begins and when
+its latest.json write returns, so the report also says how many kills landed mid-save (a save
+begun and not yet committed) and how many during the restore.
+
 Run standalone (`python tests/checkpoint/kill_trials.py --trials 20 --workdir DIR`, or with
 `--store s3://bucket/prefix` against an S3 endpoint) or from bench/kill_trials.py, which runs
 hundreds. Each finished run is followed by a fresh one (run-<n>) so kills keep landing in saves.
@@ -19,17 +27,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import random
 import shutil
 import signal
+import struct
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # this checkout's package and its tests
 
 from mamba_training.checkpoint import CheckpointManager, CheckpointPolicy, list_checkpoints, open_store, read_latest  # noqa: E402
 from mamba_training.checkpoint import verify_checkpoint  # noqa: E402
@@ -56,15 +67,45 @@ def reference(steps: int, width: int) -> list[str]:
     return out
 
 
-def child(store_url: str, cache: Path, steps: int, width: int, report_fd: int) -> None:
+class Progress:
+    """Counters in memory shared with the forked child: what it was doing when it was killed."""
+
+    FIELDS = ("restored", "saves_begun", "commits")
+
+    def __init__(self) -> None:
+        self._mem = mmap.mmap(-1, 8 * len(self.FIELDS))  # anonymous and shared: fork keeps it shared
+
+    def get(self, name: str) -> int:
+        return struct.unpack_from("q", self._mem, 8 * self.FIELDS.index(name))[0]
+
+    def add(self, name: str, value: int = 1) -> None:
+        struct.pack_into("q", self._mem, 8 * self.FIELDS.index(name), self.get(name) + value)
+
+    def reset(self) -> None:
+        for name in self.FIELDS:
+            struct.pack_into("q", self._mem, 8 * self.FIELDS.index(name), 0)
+
+
+def child(store_url: str, cache: Path, steps: int, width: int, report_fd: int, progress: Progress) -> None:
     """Resume and train to `steps`, saving every step; report each commit as it is seen."""
     state = build(SEED, width)
     mgr = CheckpointManager(store_url, policy=CheckpointPolicy(every_steps=1, keep_last=3, keep_every=10),
                             cache_dir=cache, writer_id=f"trial-{os.getpid()}")
+    put_if = mgr.store.put_if
+
+    def counted_put_if(key: str, data: bytes, etag: str | None) -> str:
+        result = put_if(key, data, etag)
+        if key == "latest.json":
+            progress.add("commits")
+        return result
+
+    mgr.store.put_if = counted_put_if  # type: ignore[method-assign]
     info = mgr.restore(state)
+    progress.add("restored")
     reported = info.step if info else 0
     for step in range((info.step if info else 0) + 1, steps + 1):
         train(state, 1)
+        progress.add("saves_begun")
         mgr.save(step, state["trainer"].tokens_seen, state)
         commit = mgr.last_commit
         if commit is not None and commit.step > reported:
@@ -72,6 +113,17 @@ def child(store_url: str, cache: Path, steps: int, width: int, report_fd: int) -
             os.write(report_fd, f"{reported}\n".encode())
     commit = mgr.flush()
     os.write(report_fd, f"{commit.step}\ndone\n".encode())
+
+
+def wait_for_commits(pid: int, progress: Progress, commits: int, timeout: float) -> int | None:
+    """Wait until the child has committed `commits` checkpoints; its wait status if it ended first."""
+    deadline = time.monotonic() + timeout
+    while progress.get("commits") < commits and time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.001)
+    return None
 
 
 def check(store_url: str, cache: Path, expected: list[str], reported: int, width: int) -> tuple[int, list[str]]:
@@ -112,30 +164,40 @@ def run_trials(workdir: Path, trials: int, steps: int = 25, max_delay: float = 0
     expected = reference(steps, width)
     base = (store or str(workdir / "runs")).rstrip("/")
     generation = 0
-    results = {"trials": 0, "kills": 0, "completed_runs": 0, "problems": [], "latest_steps": [],
-               "restore_checks": 0, "seconds": 0.0}
+    progress = Progress()
+    results = {"seed": seed, "trials": 0, "kills": 0, "mid_save_kills": 0, "restore_kills": 0,
+               "exited_before_kill": 0, "completed_runs": 0, "problems": [], "latest_steps": [],
+               "restore_checks": 0, "trials_after_a_commit": 0, "seconds": 0.0}
     started = time.monotonic()
     for trial in range(trials):
         store_url = f"{base}/run-{generation}"
+        commits, delay = rng.randint(0, 3), rng.uniform(0.0, max_delay)
+        progress.reset()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the trial process
             os.close(read_fd)
             code = 0
             try:
-                child(store_url, workdir / f"cache-{trial}", steps, width, write_fd)
+                child(store_url, workdir / f"cache-{trial}", steps, width, write_fd, progress)
             except BaseException as error:  # report and exit without running the parent's cleanup
                 os.write(write_fd, f"error {type(error).__name__}: {error}\n".encode())
                 code = 1
             os._exit(code)
         os.close(write_fd)
-        time.sleep(rng.uniform(0.0, max_delay))
-        try:
-            os.kill(pid, signal.SIGKILL)
+        status = wait_for_commits(pid, progress, commits, timeout=300)
+        if status is None:
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)  # a child that has exited is a zombie until reaped: no error
+            status = os.waitpid(pid, 0)[1]
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        if killed:  # it was alive when the signal came: the counters are where it stopped
             results["kills"] += 1
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
+            results["restore_kills"] += progress.get("restored") == 0
+            results["mid_save_kills"] += progress.get("saves_begun") > progress.get("commits")
+        else:
+            results["exited_before_kill"] += 1
+        results["trials_after_a_commit"] += progress.get("commits") > 0
         with os.fdopen(read_fd) as pipe:
             lines = pipe.read().split()
         if "error" in lines:
@@ -161,7 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--max-delay", type=float, default=0.6)
+    parser.add_argument("--max-delay", type=float, default=0.6, help="most seconds after the drawn commit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--store", default=None, help="run store base (default: a folder in --workdir)")

@@ -49,26 +49,63 @@ def test_a_buffer_too_small_is_not_reused() -> None:
     assert out.data_ptr() != small.data_ptr() and out.numel() > 16 and int(small.sum()) == 0
 
 
-EXIT_RIGHT_AFTER_THE_FIRST_STEP = """
-import sys, tempfile
-sys.path.insert(0, sys.argv[1])
+EXIT_WHILE_THE_BUFFER_IS_ALLOCATED = """
+import atexit, sys, tempfile, threading
+sys.path[:0] = [sys.argv[1] + "/src", sys.argv[1]]  # this checkout's code
 from tests.checkpoint.tiny import build, train
-from mamba_training.checkpoint import CheckpointManager
-state = build(width=3_000_000)  # a ~430 MB buffer: still being touched when the process exits
-with tempfile.TemporaryDirectory() as tmp:
-    CheckpointManager(tmp + "/run", cache_dir=tmp + "/c").restore(state)
-    train(state, 1)
+from mamba_training.checkpoint import manager as engine
+
+
+class Gate(threading.Event):
+    # The prewarm loop's stop flag, checked between 64 MiB slices: after the first slice it holds
+    # the loop until the process is exiting, so the exit lands mid-allocation on any machine.
+
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+        self.touching, self.release = threading.Event(), threading.Event()
+
+    def is_set(self):
+        self.checks += 1
+        if self.checks == 2:
+            self.touching.set()
+            self.release.wait()
+        return super().is_set()
+
+    def set(self):
+        self.release.set()
+        super().set()
+
+
+gate = engine._STOP_PREWARMS = Gate()
+state = build(width=3_000_000)  # a ~430 MB buffer: seven slices
+tmp = tempfile.mkdtemp()
+mgr = engine.CheckpointManager(tmp + "/run", cache_dir=tmp + "/c")
+mgr.restore(state)
+train(state, 1)  # the step's post-hook starts the allocation
+assert gate.touching.wait(60), "the allocation never started"
+
+
+@atexit.register  # registered after the manager's handler, so it runs first (atexit is LIFO)
+def resume_the_allocation():
+    print(f"at exit: allocating={mgr._prewarm_thread.is_alive()} done={'tensors' in mgr._buffers}", flush=True)
+    gate.release.set()  # the loop goes on touching pages (torch ops) as the interpreter shuts down
+
+
 sys.exit(75)
 """
 
 
-def test_exiting_while_the_buffer_is_allocated_keeps_the_exit_code() -> None:
+def test_exiting_while_the_buffer_is_allocated_keeps_the_exit_code(tmp_path: Path) -> None:
     """A daemon thread inside a torch op at interpreter exit aborts the process (SIGABRT): the
-    preempted exit code 75 would be lost. The allocation stops at exit."""
+    preempted exit code 75 would be lost. The allocation stops at exit. The child holds the
+    allocation after its first slice until it is exiting, so the exit is mid-allocation always."""
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", EXIT_RIGHT_AFTER_THE_FIRST_STEP, str(repo)], capture_output=True,
-                            text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run([sys.executable, "-c", EXIT_WHILE_THE_BUFFER_IS_ALLOCATED, str(repo)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)})
+    assert "at exit: allocating=True done=False" in result.stdout, (result.stdout, result.stderr[-2000:])
     assert result.returncode == 75, result.stderr[-2000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import os
 from pathlib import Path
 
 import pytest
@@ -100,7 +100,10 @@ def test_tampered_file_is_never_loaded_and_restore_falls_back(store_url: str, tm
     fresh = build()
     with caplog.at_level(logging.WARNING):
         info = manager(store_url, tmp_path).restore(fresh)
-    assert info.step == 1 and "skipping checkpoint step 2" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert info.step == 1 and len(warnings) == 1, warnings  # which checkpoint and why, in one line
+    assert "step_00000001, the newest that verifies: step 2 skipped" in warnings[0]
+    assert f"{key} fails its sha256 check" in warnings[0]
     assert same(weights(fresh), weights(expected))
 
 
@@ -266,12 +269,26 @@ def test_other_ranks_write_nothing_and_policy_by_steps(tmp_path: Path) -> None:
     mgr.save(5, 20, build())
     assert mgr.flush() is None and LocalStore(url).list() == []
     assert [s for s in range(1, 12) if mgr.should_save(s)] == [5, 10]
-    timed = manager(url, tmp_path, policy=CheckpointPolicy(every_steps=0, every_minutes=0.002))
+    now = [1000.0]
+    timed = manager(url, tmp_path, policy=CheckpointPolicy(every_steps=0, every_minutes=2), clock=lambda: now[0])
     assert not timed.should_save(1)
-    time.sleep(0.15)
-    assert timed.should_save(2)
-    timed.save(2, 8, build())
-    assert not timed.should_save(3)  # the clock restarts at each save
+    now[0] += 119.9
+    assert not timed.should_save(2)
+    now[0] += 0.1
+    assert timed.should_save(3)
+    timed.save(3, 12, build())
+    assert not timed.should_save(4)  # the clock restarts at each save
+    now[0] += 120
+    assert timed.should_save(5)
+
+
+@pytest.mark.parametrize(("every_steps", "every_minutes", "step", "seconds", "due"), [
+    (5, None, 10, 0.0, True), (5, None, 11, 1e9, False), (0, None, 5, 1e9, False),
+    (0, 1.5, 7, 89.9, False), (0, 1.5, 7, 90.0, True), (4, 1.5, 8, 0.0, True), (4, 1.5, 9, 90.0, True),
+])
+def test_policy_is_due_by_steps_or_by_minutes_since_the_last_save(
+        every_steps: int, every_minutes: float | None, step: int, seconds: float, due: bool) -> None:
+    assert CheckpointPolicy(every_steps=every_steps, every_minutes=every_minutes).due(step, seconds) is due
 
 
 def test_sync_save_commits_before_returning_and_run_files_upload(store_url: str, tmp_path: Path) -> None:
@@ -324,8 +341,9 @@ def test_a_cached_file_changed_after_the_prefetch_is_downloaded_again(s3_url: st
     cached = next(p for p in cache.rglob("*.safetensors"))
     raw = bytearray(cached.read_bytes())
     raw[-1] ^= 0xFF  # same size, other bytes: the digest remembered from the prefetch no longer holds
-    time.sleep(0.01)
+    before = cached.stat().st_mtime_ns
     cached.write_bytes(bytes(raw))
+    os.utime(cached, ns=(before + 1_000_000, before + 1_000_000))  # a later mtime, whatever the clock's grain
     resumed = build(seed=0)
     assert CheckpointManager(s3_url, cache_dir=cache).restore(resumed).step == 2
     assert same(weights(state), weights(resumed))

@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy for S3 tests: sits between boto3 and the moto server on loopback.
 
 Rules match requests by method and a substring of the path+query and, for their first `times`
-matches, answer with an S3 error (500 InternalError, 503 SlowDown, 403 AccessDenied), drop the
+matches, answer with an S3 error (500 InternalError, 503 SlowDown, 403 AccessDenied,
+409 ConditionalRequestConflict, 412 PreconditionFailed), drop the
 connection without answering ("drop": the request never reaches S3; "drop_after": S3 applies it
 and only the response is lost), or delay the request. Everything else is forwarded unchanged.
 Real HTTP on both sides: boto3's retry logic and error parsing run exactly as against AWS.
@@ -18,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
-_CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
+_CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied", 409: "ConditionalRequestConflict",
+          412: "PreconditionFailed"}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mamba_training.checkpoint import CheckpointManager, CheckpointPolicy, S3Store, read_latest, verify_checkpoint
-from mamba_training.errors import StoreError
+from mamba_training.errors import FencedError, StoreError
 from tests.checkpoint.conftest import BUCKET, make_bucket
 from tests.checkpoint.tiny import build, same, train, weights
 from tests.integration.faults import FaultProxy
@@ -69,6 +69,53 @@ def test_a_commit_whose_response_was_lost_is_not_mistaken_for_a_lost_race(proxy:
     train(state, 1)
     mgr.save(3, 12, state)  # still the writer: its ETag is the one S3 holds
     assert mgr.flush().step == 3
+
+
+def test_lost_response_then_409_then_412_is_our_own_write_not_a_lost_race(proxy: FaultProxy, tmp_path: Path) -> None:
+    """S3 applies the PUT but the response is lost; botocore's retry meets a 409 (a conditional
+    write in progress), which botocore does not retry; the store's own retry then gets 412 on a
+    fresh attempt (botocore reports no retry): the object holds this writer's bytes, so it won."""
+    state = build()
+    mgr = s3_manager(tmp_path)
+    train(state, 1)
+    mgr.save(1, 4, state)
+    mgr.flush()
+    for name in ("manifest.json", "latest.json"):
+        proxy.add("drop_after", method="PUT", contains=name, times=1)
+        proxy.add("status", method="PUT", contains=name, times=1, status=409)
+    train(state, 1)
+    mgr.save(2, 8, state)
+    assert mgr.flush().step == 2
+    assert [r.hits for r in proxy.rules] == [1, 1, 1, 1]
+    puts = [path for method, path in proxy.requests if method == "PUT" and path.endswith("latest.json")]
+    assert len(puts) == 4  # the applied one, botocore's retry (409), the store's retry (412), step 3 below
+    assert read_latest(mgr.store)["step"] == 2
+    train(state, 1)
+    mgr.save(3, 12, state)  # still the writer: its ETag is the one S3 holds
+    assert mgr.flush().step == 3
+
+
+def test_a_real_other_writer_still_fences_through_409s_and_lost_responses(proxy: FaultProxy) -> None:
+    store = S3Store(BUCKET, "runs/faulty")
+    seen = store.put_if("latest.json", b'{"step": 1, "writer_id": "a"}', None)
+    store.put_if("latest.json", b'{"step": 2, "writer_id": "b"}', seen)  # another writer moves it
+    proxy.add("drop", method="PUT", contains="latest.json", times=1)  # lost before it reached S3
+    proxy.add("status", method="PUT", contains="latest.json", times=1, status=409)
+    with pytest.raises(FencedError, match="latest.json was changed by another writer: this writer stops"):
+        store.put_if("latest.json", b'{"step": 2, "writer_id": "a"}', seen)
+    assert [r.hits for r in proxy.rules] == [1, 1]
+    assert store.get_bytes("latest.json") == b'{"step": 2, "writer_id": "b"}'
+
+
+def test_409s_are_retried_a_bounded_number_of_times(proxy: FaultProxy) -> None:
+    store = S3Store(BUCKET, "runs/faulty")
+    proxy.add("status", method="PUT", contains="latest.json", times=3, status=409)
+    etag = store.put_if("latest.json", b'{"step": 1}', None)
+    assert store.read_with_etag("latest.json") == (b'{"step": 1}', etag)
+    proxy.add("status", method="PUT", contains="latest.json", status=409)  # for ever
+    with pytest.raises(StoreError, match=r"latest.json: conditional write kept conflicting \(409\) 6 times"):
+        store.put_if("latest.json", b'{"step": 2}', etag)
+    assert store.get_bytes("latest.json") == b'{"step": 1}'
 
 
 def test_a_multipart_upload_survives_a_dropped_part(proxy: FaultProxy, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -18,10 +17,23 @@ TTL = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN = "X-aws-ec2-metadata-token"
 
 
+class Clock:
+    """Seconds since the epoch, moved by the test: the emulator's notion of now."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0  # a whole second: notice times print without a fraction
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def http(method: str, url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
     request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=3) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(), dict(error.headers)
@@ -65,10 +77,13 @@ def test_metadata_needs_a_valid_token(emulator: ImdsEmulator) -> None:
 
 
 def test_an_expired_token_is_refused() -> None:
-    with ImdsEmulator() as emu:
+    clock = Clock()
+    with ImdsEmulator(clock=clock) as emu:
         tok = token(emu, ttl=1)
         assert get(emu, "instance-id", tok)[0] == 200
-        time.sleep(1.05)
+        clock.advance(0.999)
+        assert get(emu, "instance-id", tok)[0] == 200
+        clock.advance(0.001)
         assert get(emu, "instance-id", tok)[0] == 401
 
 
@@ -110,13 +125,18 @@ def test_rebalance_and_lifecycle_controls(emulator: ImdsEmulator) -> None:
 
 
 def test_scheduled_notices_appear_only_after_their_delay() -> None:
-    with ImdsEmulator(interrupt_after=0.3, action="hibernate", rebalance_after=0.0) as emu:
+    clock = Clock()
+    with ImdsEmulator(interrupt_after=30, action="hibernate", rebalance_after=0.0, clock=clock) as emu:
         tok = token(emu)
         assert get(emu, "spot/instance-action", tok)[0] == 404
         assert get(emu, "events/recommendations/rebalance", tok)[0] == 200
-        time.sleep(0.35)
+        clock.advance(29)
+        assert get(emu, "spot/instance-action", tok)[0] == 404
+        assert emu.state()["interruption"]["active"] is False
+        clock.advance(1)
         code, body = get(emu, "spot/instance-action", tok)
         assert code == 200 and json.loads(body)["action"] == "hibernate"
+        assert parse_time(json.loads(body)["time"]) == emu.now() + timedelta(seconds=120)
 
 
 def test_reset_clears_notices_faults_and_counters(emulator: ImdsEmulator) -> None:

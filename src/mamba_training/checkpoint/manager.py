@@ -1,6 +1,6 @@
 """The checkpoint engine: async save, commit protocol with fencing, retention, verified restore.
 
-Protocol (DESIGN.md "Checkpoint protocol", docs/checkpoints.md):
+Protocol (docs/design.md "Checkpoint protocol", docs/checkpoints.md):
 1. data files go to `checkpoints/step_<8 digits>/` under keys unique to this save
    (`state-<token>.safetensors`, `state-<token>.json`), so no two writers ever overwrite data;
 2. `manifest.json` (sizes, sha256, step, tokens, world size, config hash, writer, time) is written
@@ -8,7 +8,10 @@ Protocol (DESIGN.md "Checkpoint protocol", docs/checkpoints.md):
 3. `latest.json` is replaced by a conditional write on the ETag this writer last saw, so a stale
    writer (a replaced instance still running) cannot move it: it gets FencedError and stops.
 Readers verify every file against the manifest before deserializing anything, and fall back to
-the newest verified checkpoint when `latest.json` is missing or bad.
+the newest verified checkpoint when `latest.json` is missing or bad. A writer that fell back
+supersedes the unverifiable checkpoints it skipped when it reaches their steps: it replaces such a
+manifest conditionally on the manifest's ETag and on `latest.json` still holding the ETag it read
+(docs/design.md "Checkpoint protocol").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -113,6 +116,7 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         progress: ProgressFactory | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = open_store(store) if isinstance(store, (str, Path)) else store
         self.policy = policy
@@ -130,7 +134,8 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._fenced: FencedError | None = None
         self._last_commit: CommitInfo | None = None
-        self._last_save_time = time.monotonic()
+        self.clock = clock  # for the every-minutes policy only; tests move it by hand
+        self._last_save_time = clock()
         self._copied = threading.Event()  # the in-flight save has copied the state
         self._copied.set()
         self._settled = threading.Event()  # the in-flight save has committed or failed
@@ -143,13 +148,13 @@ class CheckpointManager:
         self._prewarm_started = False
         self._prewarm_thread: threading.Thread | None = None
         self._closed = False
+        # Steps the last restore skipped because they fail verification, with the ETag their
+        # manifest had then (None: no manifest): this writer may supersede exactly those.
+        self._unverifiable: dict[int, str | None] = {}
 
     # ---- policy
     def should_save(self, step: int) -> bool:
-        if self.policy.every_steps and step % self.policy.every_steps == 0:
-            return True
-        minutes = self.policy.every_minutes
-        return bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
+        return self.policy.due(step, self.clock() - self._last_save_time)
 
     @property
     def last_commit(self) -> CommitInfo | None:
@@ -167,7 +172,7 @@ class CheckpointManager:
         else that changes parameters in place must call `wait_snapshot()` first.
         """
         self._raise_failures()
-        self._last_save_time = time.monotonic()
+        self._last_save_time = self.clock()
         if self.rank != 0:
             return
         self._wait()
@@ -327,17 +332,27 @@ class CheckpointManager:
         key = f"{step_prefix(step)}/{MANIFEST}"
         try:
             self.store.put_if(key, data, None)
+            self._unverifiable.pop(step, None)
             return
         except FencedError:
             pass
         # A manifest is already there. If latest.json has reached this step, someone committed it:
-        # this writer is stale. Otherwise it was left by a writer that died before committing.
-        pointer = read_latest(self.store)
+        # this writer is stale, unless the checkpoint is one this writer's restore found
+        # unverifiable and latest.json is still the one it read then (nobody wrote since): then it
+        # supersedes it, conditionally on the manifest it saw, so of two writers doing this only
+        # one wins. Otherwise the manifest was left by a writer that died before committing.
+        current = self.store.read_with_etag(LATEST)
+        pointer = parse_pointer(current[0]) if current else None
         if pointer is not None and pointer["step"] >= step:
+            if step in self._unverifiable and current is not None and current[1] == self._etag:
+                self.store.put_if(key, data, self._unverifiable.pop(step))
+                log.info("checkpoint step %d supersedes the one there before, which does not verify", step)
+                return
             raise FencedError(f"{self.store.describe(key)} was already committed by "
                               f"{pointer.get('writer_id', 'another writer')}: this writer stops")
         existing = self.store.read_with_etag(key)
         self.store.put_if(key, data, existing[1] if existing else None)
+        self._unverifiable.pop(step, None)
 
     def _advance_latest(self, step: int, manifest_bytes: bytes) -> None:
         pointer = {
@@ -356,7 +371,8 @@ class CheckpointManager:
         mid-save) are removed too.
         """
         try:
-            plan = retention_plan(self.store, self.policy.keep_last, self.policy.keep_every, newest)
+            plan = retention_plan(self.store, self.policy.keep_last, self.policy.keep_every, newest,
+                                  unverifiable=set(self._unverifiable))
             apply_retention(self.store, plan)
             if plan.steps:
                 log.debug("retention removed checkpoints %s", plan.steps)
@@ -387,8 +403,10 @@ class CheckpointManager:
         wait_for_prefetch(self.cache_dir)  # the CLI may have started the download before importing torch
         found = self.store.read_with_etag(LATEST)
         self._etag, self._etag_known = (found[1] if found else None), True
+        self._unverifiable = {}
         pointer = parse_pointer(found[0]) if found else None
-        candidates = [step] if step is not None else self._candidates(pointer, found is not None)
+        reasons: list[str] = []  # why newer checkpoints were passed over: said once, in one line
+        candidates = [step] if step is not None else self._candidates(pointer, found is not None, reasons)
         if not candidates:
             self._prewarm_after_next_step(app_state)
             return None
@@ -399,7 +417,9 @@ class CheckpointManager:
             except CheckpointError as error:
                 if step is not None:
                     raise
-                log.warning("skipping checkpoint step %d: %s", candidate, error)
+                reasons.append(f"step {candidate} skipped: {error}")
+                seen = self.store.read_with_etag(f"{step_prefix(candidate)}/{MANIFEST}")
+                self._unverifiable[candidate] = seen[1] if seen else None
                 continue
             if pointer is not None and pointer["step"] == candidate and pointer.get("manifest_sha256") not in (
                     None, manifest["sha256"]):
@@ -412,11 +432,14 @@ class CheckpointManager:
                                int(manifest.get("world_size", 1)), time.monotonic() - started,
                                str(manifest.get("writer_id", "")))
             self._last_commit = CommitInfo(candidate, info.tokens_seen, info.path, 0, 0.0, 0.0)
-            log.info("restored checkpoint %s (written by %s with world size %d)", where,
-                     info.writer_id, info.world_size)
+            if reasons:
+                log.warning("restored checkpoint %s, the newest that verifies: %s", where, "; ".join(reasons))
+            else:
+                log.info("restored checkpoint %s (written by %s with world size %d)", where,
+                         info.writer_id, info.world_size)
             self._prewarm_after_next_step(app_state)
             return info
-        raise CheckpointError(f"no checkpoint in {self.store.url} passes verification")
+        raise CheckpointError(f"no checkpoint in {self.store.url} passes verification: {'; '.join(reasons)}")
 
     # ---- the serialization buffer, allocated ahead
     def _prewarm_after_next_step(self, app_state: dict[str, Any]) -> None:
@@ -458,15 +481,20 @@ class CheckpointManager:
         except Exception as error:  # an optimisation only: the save allocates its own buffer
             log.warning("could not allocate the checkpoint buffer ahead: %s", error)
 
-    def _candidates(self, pointer: dict[str, Any] | None, pointer_exists: bool) -> list[int]:
+    def _candidates(self, pointer: dict[str, Any] | None, pointer_exists: bool, reasons: list[str]) -> list[int]:
+        """Steps to try, newest first: the one latest.json names and those before it (else every
+        committed one); why latest.json could not be followed goes into `reasons`."""
         committed = [s.step for s in list_checkpoints(self.store) if s.committed]
         if pointer is not None and pointer["step"] in committed:
             return [pointer["step"]] + [s for s in committed if s < pointer["step"]]
         if committed:
-            state = "missing" if not pointer_exists else "unreadable" if pointer is None else \
-                f"pointing at uncommitted step {pointer['step']}"
-            log.warning("%s is %s: falling back to the newest verified checkpoint",
-                        self.store.describe(LATEST), state)
+            state = "is missing" if not pointer_exists else "is unreadable" if pointer is None else \
+                f"names step {pointer['step']}, which has no readable manifest"
+            reasons.append(f"{self.store.describe(LATEST)} {state}")
+        if pointer is not None and pointer["step"] not in committed:
+            # A step this writer may commit over when it gets there (its manifest, if any, is bad).
+            seen = self.store.read_with_etag(f"{step_prefix(pointer['step'])}/{MANIFEST}")
+            self._unverifiable[pointer["step"]] = seen[1] if seen else None
         return committed
 
     # ---- the run's other files

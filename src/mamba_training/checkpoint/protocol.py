@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from mamba_training.checkpoint.store import NotFound, Store, sha256_file
 from mamba_training.errors import CheckpointError, FencedError, StoreError
@@ -50,6 +50,12 @@ class CheckpointPolicy:
     every_minutes: float | None = None
     keep_last: int = 3
     keep_every: int = 0
+
+    def due(self, step: int, seconds_since_save: float) -> bool:
+        """Whether a checkpoint is due at `step`, `seconds_since_save` after the last save began."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_minutes) and seconds_since_save >= self.every_minutes * 60
 
 
 @dataclass(frozen=True)
@@ -266,13 +272,19 @@ class RetentionPlan:
     keys: list[str]  # every object to delete, manifests first
 
 
-def retention_plan(store: Store, keep_last: int, keep_every: int = 0, newest: int | None = None) -> RetentionPlan:
-    """What to delete to keep the last K committed plus every M-th.
+def retention_plan(store: Store, keep_last: int, keep_every: int = 0, newest: int | None = None,
+                   unverifiable: Collection[int] = ()) -> RetentionPlan:
+    """What to delete to keep the last K committed plus every M-th, counting only good checkpoints.
 
     `newest` (default: the step latest.json names, else the newest committed) is always kept.
-    Incomplete checkpoints (no manifest) are removed only when older than `newest`: a newer one
-    may still be uploading. Inside checkpoints older than `newest`, files their manifest does not
-    name (left by a writer that died mid-save) are removed too.
+    K and M count committed checkpoints up to `newest` that are not known to be bad: a bad one
+    (in `unverifiable`, which the manager's restore found failing verification, or whose files the
+    listing shows missing or of another size than its manifest says) never pushes a good one out.
+    Bad ones older than `newest` are removed: the run has moved past them and they cannot restore.
+    Committed checkpoints newer than `newest` are left alone (the writer replaces them when it
+    gets there). Incomplete checkpoints (no manifest) are removed only when older than `newest`:
+    a newer one may still be uploading. Inside checkpoints older than `newest`, files their
+    manifest does not name (left by a writer that died mid-save, or superseded) are removed too.
     """
     summaries = list_checkpoints(store)
     committed = [s.step for s in summaries if s.committed]
@@ -281,13 +293,18 @@ def retention_plan(store: Store, keep_last: int, keep_every: int = 0, newest: in
         newest = pointer["step"] if pointer else (committed[0] if committed else None)
     if newest is None:
         return RetentionPlan([], [])
-    keep = set(sorted(committed, reverse=True)[: max(1, keep_last)]) | {newest}
-    if keep_every:
-        keep |= {s for s in committed if s % keep_every == 0}
-    doomed = {s.step for s in summaries if s.step not in keep and (s.committed or s.step < newest)}
+    objects = store.list(CHECKPOINTS + "/")
+    sizes = {obj.key: obj.size for obj in objects}
     manifests = {s.step: s.manifest for s in summaries if s.manifest is not None}
+    bad = set(unverifiable) | {step for step, manifest in manifests.items() if any(
+        sizes.get(f"{step_prefix(step)}/{name}") != int(meta["size"]) for name, meta in manifest["files"].items())}
+    good = sorted((s for s in committed if s <= newest and s not in bad), reverse=True)
+    keep = set(good[: max(1, keep_last)]) | {newest}
+    if keep_every:
+        keep |= {s for s in good if s % keep_every == 0}
+    doomed = {s.step for s in summaries if s.step not in keep and s.step < newest}
     keys = []
-    for obj in store.list(CHECKPOINTS + "/"):
+    for obj in objects:
         match = STEP_DIR.match(obj.key)
         if not match:
             continue

@@ -26,6 +26,7 @@ from mamba_training.errors import FencedError, StoreError
 Progress = Callable[[int], None]  # called with the number of bytes just transferred
 
 _CHUNK = 1 << 20
+_CONFLICT_RETRIES = 6  # 409s on one conditional write before giving up (~3 s of backoff)
 
 
 class NotFound(StoreError):
@@ -413,39 +414,32 @@ class S3Store(Store):
         return self._call(key, response["Body"].read), response["ETag"]
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """Conditional PUT. A 412 is a lost race unless S3 holds exactly our bytes: our own write
+        landed on an earlier attempt whose response was lost (botocore's retry, or ours after a
+        409), and we won. Bodies are unique (pointers and manifests carry writer id and time), so
+        another writer's object never has the same bytes. A 409 ConditionalRequestConflict (a
+        concurrent conditional write in progress) is retried a few times with backoff."""
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
-        for attempt in range(5):
+        for attempt in range(_CONFLICT_RETRIES):
             try:
                 response = self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
                 return response["ETag"]
             except Exception as error:
                 code, status = _client_error_code(error)
                 if code == "PreconditionFailed" or status == 412:
-                    landed = self._own_write_landed(key, data, error)
-                    if landed is not None:
-                        return landed
+                    current = self.read_with_etag(key)
+                    if current is not None and current[0] == bytes(data):
+                        return current[1]
                     raise FencedError(
                         f"{self.describe(key)} was changed by another writer: this writer stops"
                     ) from None
                 if code == "ConditionalRequestConflict" or status == 409:
-                    time.sleep(0.2 * (attempt + 1))
+                    if attempt + 1 < _CONFLICT_RETRIES:
+                        time.sleep(0.1 * 2 ** attempt)
                     continue
                 raise self._error(error, key) from None
-        raise StoreError(f"{self.describe(key)}: conditional write kept conflicting; try again")
-
-    def _own_write_landed(self, key: str, data: bytes, error: Exception) -> str | None:
-        """The ETag of `key` if a 412 came from botocore retrying a PUT that S3 had already applied.
-
-        When the response to a conditional PUT is lost (dropped connection, timeout), botocore sends
-        it again with the same condition, which now fails against our own write. Only then, and only
-        if S3 holds exactly our bytes, did we win; pointers carry writer id and time, so another
-        writer's object never has the same bytes.
-        """
-        retried = int((getattr(error, "response", {}) or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0))
-        if not retried:
-            return None
-        current = self.read_with_etag(key)
-        return current[1] if current is not None and current[0] == bytes(data) else None
+        raise StoreError(f"{self.describe(key)}: conditional write kept conflicting (409) "
+                         f"{_CONFLICT_RETRIES} times; try again")
 
 
 def open_store(url: str | Path, region: str | None = None, profile: str | None = None) -> Store:

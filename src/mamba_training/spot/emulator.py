@@ -33,7 +33,7 @@ import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from mamba_training.errors import UsageError
@@ -73,6 +73,7 @@ class ImdsEmulator:
         instance_type: str = "g5.xlarge",
         availability_zone: str = "us-east-1a",
         lifecycle: str = "spot",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if action not in ACTIONS:
             raise UsageError(f"--action {action!r}: expected one of {', '.join(ACTIONS)}")
@@ -82,6 +83,9 @@ class ImdsEmulator:
             if value is not None and value < 0:
                 raise UsageError(f"{name} {value}: must be >= 0 seconds")
         self.host, self.port = host, port
+        # Seconds since the epoch, for notice times and token expiry: tests pass a clock they move
+        # by hand, so "not yet" and "now" are decided by them, not by how fast the machine runs.
+        self._clock = clock
         self.token_required = token_required
         self.metadata = {
             "instance-id": instance_id,
@@ -94,7 +98,7 @@ class ImdsEmulator:
         }
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._tokens: dict[str, float] = {}  # token -> monotonic expiry
+        self._tokens: dict[str, float] = {}  # token -> expiry on the clock
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._reset_state()
@@ -102,6 +106,9 @@ class ImdsEmulator:
             self.interrupt(action, after=interrupt_after)
         if rebalance_after is not None:
             self.rebalance(after=rebalance_after)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), timezone.utc)
 
     # -------------------------------------------------------------- server
     @property
@@ -140,7 +147,7 @@ class ImdsEmulator:
     def interrupt(self, action: str = "terminate", after: float = 0.0) -> dict[str, Any]:
         if action not in ACTIONS:
             raise UsageError(f"action {action!r}: expected one of {', '.join(ACTIONS)}")
-        notice = _now() + timedelta(seconds=after)
+        notice = self.now() + timedelta(seconds=after)
         with self._lock:
             self._interruption = (action, notice)
         log.info("emulator: %s notice at %s", action, _iso(notice))
@@ -148,7 +155,7 @@ class ImdsEmulator:
                 "time": _iso(notice + timedelta(seconds=NOTICE_SECONDS))}
 
     def rebalance(self, after: float = 0.0) -> dict[str, Any]:
-        notice = _now() + timedelta(seconds=after)
+        notice = self.now() + timedelta(seconds=after)
         with self._lock:
             self._rebalance = notice
         log.info("emulator: rebalance recommendation at %s", _iso(notice))
@@ -192,13 +199,13 @@ class ImdsEmulator:
             interruption = None
             if self._interruption is not None:
                 action, notice = self._interruption
-                interruption = {"action": action, "notice_time": _iso(notice), "active": notice <= _now()}
+                interruption = {"action": action, "notice_time": _iso(notice), "active": notice <= self.now()}
             return {
                 "url": self.url,
                 "token_required": self.token_required,
                 "interruption": interruption,
                 "rebalance": None if self._rebalance is None else
-                {"noticeTime": _iso(self._rebalance), "active": self._rebalance <= _now()},
+                {"noticeTime": _iso(self._rebalance), "active": self._rebalance <= self.now()},
                 "lifecycle": self._lifecycle,
                 "fault": self._fault,
                 "requests": dict(self.requests),
@@ -225,7 +232,7 @@ class ImdsEmulator:
     def issue_token(self, ttl: int) -> str:
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[token] = time.monotonic() + ttl
+            self._tokens[token] = self._clock() + ttl
         return token
 
     def token_ok(self, token: str | None) -> bool:
@@ -233,11 +240,11 @@ class ImdsEmulator:
             return not self.token_required
         with self._lock:
             expiry = self._tokens.get(token)
-        return expiry is not None and time.monotonic() < expiry
+        return expiry is not None and self._clock() < expiry
 
     def metadata_value(self, path: str) -> str | None:
         """The body for /latest/meta-data/<path>, or None for 404."""
-        now = _now()
+        now = self.now()
         with self._lock:
             if path == "spot/instance-action":
                 if self._interruption is None or self._interruption[1] > now:
