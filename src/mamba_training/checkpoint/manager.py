@@ -1,6 +1,6 @@
 """The checkpoint engine: async save, commit protocol with fencing, retention, verified restore.
 
-Protocol (DESIGN.md "Checkpoint protocol", docs/checkpoints.md):
+Protocol (docs/design.md "Checkpoint protocol", docs/checkpoints.md):
 1. data files go to `checkpoints/step_<8 digits>/` under keys unique to this save
    (`state-<token>.safetensors`, `state-<token>.json`), so no two writers ever overwrite data;
 2. `manifest.json` (sizes, sha256, step, tokens, world size, config hash, writer, time) is written
