@@ -1,4 +1,6 @@
-"""Metric sinks the trainer writes to at each logged step: JSON lines, TensorBoard, CloudWatch."""
+"""Metric sinks the trainer writes to at each logged step and checkpoint commit: TensorBoard and
+CloudWatch (the run's own metrics.jsonl is train/records.py's). A sink never blocks or stops
+training: CloudWatch publishes from a background thread, and a sink that raises is dropped."""
 
 from __future__ import annotations
 
