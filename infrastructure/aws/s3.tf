@@ -51,7 +51,9 @@ resource "aws_s3_bucket_server_side_encryption_configuration" "checkpoints" {
 resource "aws_s3_bucket_lifecycle_configuration" "checkpoints" {
   bucket = aws_s3_bucket.checkpoints.id
 
-  # Pruned checkpoints and replaced latest.json pointers stay as noncurrent versions for a while.
+  # Versioning keeps what retention deletes (pruned checkpoints) and every replaced latest.json as
+  # noncurrent versions; they are billed storage, so they go after a short undo window (1 day by
+  # default), and the delete markers left behind go once no version remains under them.
   rule {
     id     = "expire-noncurrent-versions"
     status = "Enabled"

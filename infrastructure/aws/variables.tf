@@ -275,13 +275,13 @@ variable "force_destroy_bucket" {
 }
 
 variable "noncurrent_version_expiration_days" {
-  description = "Days to keep overwritten or deleted checkpoint object versions."
+  description = "Days a deleted or overwritten bucket object (a checkpoint pruned by checkpoint.keep_last, a replaced latest.json) stays as a billed, recoverable noncurrent version before S3 removes it. Raise it for a longer undo window."
   type        = number
-  default     = 30
+  default     = 1
 
   validation {
-    condition     = var.noncurrent_version_expiration_days >= 1
-    error_message = "The noncurrent_version_expiration_days must be at least 1."
+    condition     = var.noncurrent_version_expiration_days >= 1 && var.noncurrent_version_expiration_days <= 3650 && floor(var.noncurrent_version_expiration_days) == var.noncurrent_version_expiration_days
+    error_message = "The noncurrent_version_expiration_days must be a whole number of days from 1 to 3650."
   }
 }
 

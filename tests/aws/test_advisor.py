@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mamba_training.aws.advisor import advise, expected_usd_per_million, tfvars_line
+from mamba_training.aws.advisor import BASES, advise, expected_usd_per_million, load_throughput, tfvars_line
 from mamba_training.aws.prices import latest_quotes
 from mamba_training.errors import UsageError
 from tests.aws.moto_fleet import spot_history_fixture, utc
@@ -27,6 +27,8 @@ def test_ranking_uses_median_spot_price_measured_throughput_and_buckets(tmp_path
     g4 = by_type["g4dn.xlarge"]
     assert g4.usd_per_hour == pytest.approx((0.2104 + 0.2253) / 2) and g4.tokens_per_s == 12000
     assert g4.throughput_source == "bench 2026-11-20" and g4.interruption_bucket == "<5%"
+    assert g4.throughput_basis == "measured"  # a user's row without a basis column is a measurement
+    assert by_type["g5.xlarge"].throughput_basis == "estimate" and by_type["x9.huge"].throughput_basis is None
     assert g4.usd_per_million_tokens == pytest.approx(expected_usd_per_million(g4.usd_per_hour, 12000, 0.025))
     assert by_type["g5.xlarge"].usd_per_hour == pytest.approx(0.4527)  # median of three AZs
     assert ranked[-1].instance_type == "x9.huge" and ranked[-1].usd_per_million_tokens is None
@@ -55,4 +57,30 @@ def test_malformed_throughput_file_names_file_and_line(tmp_path):
     bad = tmp_path / "t.csv"
     bad.write_text("instance_type,tokens_per_s\ng5.xlarge,fast\n")
     with pytest.raises(UsageError, match=r"t.csv line 2: tokens_per_s 'fast' is not a number"):
+        advise(["g5.xlarge"], offline=True, throughput_file=bad)
+
+
+def test_every_bundled_throughput_row_says_whether_it_was_measured():
+    table = load_throughput()
+    assert table and all(row.basis in BASES for row in table.values())
+    # Nothing bundled has been timed on its instance type yet: the table must not claim otherwise.
+    assert {row.basis for row in table.values()} == {"estimate"}
+
+
+def test_a_user_row_can_be_an_estimate_and_the_note_counts_the_estimates(tmp_path):
+    mine = tmp_path / "mine.csv"
+    mine.write_text("instance_type,tokens_per_s,basis,source\ng4dn.xlarge,12000,measured,bench\n"
+                    "g5.xlarge,30000,estimate,vendor sheet\n")
+    ranked, notes = advise(["g4dn.xlarge", "g5.xlarge", "g6.xlarge"], offline=True, throughput_file=mine)
+    assert {a.instance_type: a.throughput_basis for a in ranked} == {
+        "g4dn.xlarge": "measured", "g5.xlarge": "estimate", "g6.xlarge": "estimate"}
+    assert "tokens/s of 2 of 3 types are estimates, not measurements" in " ".join(notes)
+    measured_only, notes = advise(["g4dn.xlarge"], offline=True, throughput_file=mine)
+    assert not any("estimates" in n for n in notes)
+
+
+def test_an_unknown_basis_names_file_line_and_the_valid_ones(tmp_path):
+    bad = tmp_path / "t.csv"
+    bad.write_text("instance_type,tokens_per_s,basis\ng5.xlarge,100,guess\n")
+    with pytest.raises(UsageError, match=r"t.csv line 2: basis 'guess' must be one of measured, estimate"):
         advise(["g5.xlarge"], offline=True, throughput_file=bad)

@@ -78,6 +78,8 @@ BAD_INPUTS = {
     "empty_instance_list": ["instance_types", "at least one"],
     "negative_price": ["max_spot_price", "positive"],
     "p3_needs_own_ami": ["instance_types", "p3", "ami_id"],
+    "noncurrent_days_zero": ["noncurrent_version_expiration_days", "whole number of days"],
+    "noncurrent_days_fraction": ["noncurrent_version_expiration_days", "whole number of days"],
 }
 
 

@@ -156,10 +156,15 @@ def test_advise_prints_a_ranking_and_the_tfvars_line(aws, capsys, tmp_path):
     lines = out.splitlines()
     assert lines[-1] == 'instance_types = ["g4dn.xlarge", "g6.xlarge"]'
     assert "my bench" in out and "paste into terraform.tfvars" in out
+    cells = [[cell.strip() for cell in line.split("│")] for line in lines if line.startswith("│")]
+    basis = {row[2]: row[5] for row in cells}  # | # | type | $/M | tokens/s | tokens/s is | ...
+    assert basis == {"g4dn.xlarge": "measured", "g5.xlarge": "estimate", "g6.xlarge": "estimate"}, out
+    assert "tokens/s is" in out and "are estimates, not measurements" in out
     assert "estimated as on-demand x 0.4" in out  # moto's 2006 placeholder spot prices are not used
     code, out, _ = cli(capsys, "advise", "-t", "g5.xlarge", "--json", "--offline")
     data = json.loads(out)
     assert data["ranking"][0]["usd_per_hour"] == pytest.approx(1.006 * 0.4)
+    assert data["ranking"][0]["throughput_basis"] == "estimate"
 
 
 def test_malformed_price_file_is_a_one_line_usage_error_for_every_price_command(aws, capsys, tmp_path,

@@ -1,6 +1,6 @@
 # Production: up to 8 spot GPUs across several types, 2 running.
-# The seed listed p3.2xlarge too; current Deep Learning AMIs do not support P3 (the stack refuses it
-# unless ami_id names your own AMI), so g5.2xlarge takes its place.
+# No P3: current Deep Learning AMIs do not support it (the stack refuses it unless ami_id names
+# your own AMI).
 environment       = "prod"
 region            = "us-west-2"
 instance_types    = ["g4dn.2xlarge", "g4dn.4xlarge", "g5.2xlarge"]

@@ -57,6 +57,24 @@ run "defaults_plan" {
     condition     = length(aws_vpc_security_group_ingress_rule.ssh_v4) == 0 && length(aws_vpc_security_group_ingress_rule.ssh_v6) == 0
     error_message = "No inbound rule by default."
   }
+
+  assert {
+    condition     = [for r in aws_s3_bucket_lifecycle_configuration.checkpoints.rule : r.noncurrent_version_expiration[0].noncurrent_days if r.id == "expire-noncurrent-versions"] == [1]
+    error_message = "By default, pruned checkpoints (noncurrent versions) must expire after 1 day."
+  }
+}
+
+run "longer_noncurrent_window_on_request" {
+  command = plan
+
+  variables {
+    noncurrent_version_expiration_days = 30
+  }
+
+  assert {
+    condition     = [for r in aws_s3_bucket_lifecycle_configuration.checkpoints.rule : r.noncurrent_version_expiration[0].noncurrent_days if r.id == "expire-noncurrent-versions"] == [30]
+    error_message = "noncurrent_version_expiration_days must set the noncurrent-version lifecycle rule."
+  }
 }
 
 run "public_ssh_needs_opt_in" {
@@ -132,4 +150,24 @@ run "p3_needs_own_ami" {
   }
 
   expect_failures = [aws_launch_template.training]
+}
+
+run "noncurrent_days_zero" {
+  command = plan
+
+  variables {
+    noncurrent_version_expiration_days = 0
+  }
+
+  expect_failures = [var.noncurrent_version_expiration_days]
+}
+
+run "noncurrent_days_fraction" {
+  command = plan
+
+  variables {
+    noncurrent_version_expiration_days = 0.5
+  }
+
+  expect_failures = [var.noncurrent_version_expiration_days]
 }

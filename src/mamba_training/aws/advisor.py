@@ -3,7 +3,7 @@
     $/Mtok = spot $/h / (tokens/s * 3600 / 1e6) * (1 + restart_overhead * interruption_rate)
 
 Throughput comes from the bundled table (`throughput.csv`, estimates for the default model)
-overridden by the user's measured rows; the spot price from EC2 spot price history (median over
+overridden by the user's rows; each row says whether it was measured or estimated (its `basis`); the spot price from EC2 spot price history (median over
 the region's AZs), else the on-demand table times a typical spot discount; the interruption rate
 from a bundled Spot-Advisor-like bucket per type (`interruption_buckets.csv`).
 """
@@ -42,6 +42,7 @@ class Advice:
     instance_type: str
     tokens_per_s: float | None
     throughput_source: str
+    throughput_basis: str | None  # "measured" or "estimate"; None when the type has no row
     usd_per_hour: float | None
     price_source: str
     interruption_bucket: str
@@ -56,10 +57,23 @@ def _bundled(name: str) -> str:
     return resources.files("mamba_training.aws").joinpath(name).read_text()
 
 
-def parse_throughput(text: str, name: str) -> dict[str, tuple[float, str]]:
-    """instance type -> (tokens/s, source) from a CSV with instance_type,tokens_per_s[,source]."""
+BASES = ("measured", "estimate")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_s: float
+    basis: str  # one of BASES
+    source: str
+
+
+def parse_throughput(text: str, name: str, default_basis: str = "measured") -> dict[str, Throughput]:
+    """instance type -> Throughput from a CSV with instance_type,tokens_per_s[,basis][,source].
+
+    `basis` says whether a row was measured or is an estimate; a file without the column is
+    `default_basis` throughout (a user's file holds their measurements)."""
     rows = read_csv_text(text)
-    table: dict[str, tuple[float, str]] = {}
+    table: dict[str, Throughput] = {}
     lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip() and not line.lstrip().startswith("#")]
     if rows and not {"instance_type", "tokens_per_s"} <= set(rows[0]):
         raise UsageError(f"throughput file {name} line {lines[0]}: header needs columns instance_type,tokens_per_s")
@@ -73,12 +87,16 @@ def parse_throughput(text: str, name: str) -> dict[str, tuple[float, str]]:
                              "is not a number") from None
         if tps <= 0:
             raise UsageError(f"throughput file {name} line {number}: tokens_per_s must be > 0")
-        table[row["instance_type"].strip()] = (tps, (row.get("source") or name).strip())
+        basis = (row.get("basis") or default_basis).strip()
+        if basis not in BASES:
+            raise UsageError(f"throughput file {name} line {number}: basis {basis!r} must be one of "
+                             f"{', '.join(BASES)}")
+        table[row["instance_type"].strip()] = Throughput(tps, basis, (row.get("source") or name).strip())
     return table
 
 
-def load_throughput(extra: str | Path | None = None) -> dict[str, tuple[float, str]]:
-    table = parse_throughput(_bundled("throughput.csv"), "bundled throughput table")
+def load_throughput(extra: str | Path | None = None) -> dict[str, Throughput]:
+    table = parse_throughput(_bundled("throughput.csv"), "bundled throughput table", default_basis="estimate")
     if extra is not None:
         path = Path(extra)
         if not path.is_file():
@@ -124,7 +142,9 @@ def advise(instance_types: list[str] | None = None, region: str | None = None, p
     buckets = load_buckets()
     advice = []
     for itype in types:
-        tps, tps_source = throughput.get(itype, (None, "unknown: add it to --throughput-file"))
+        row = throughput.get(itype)
+        tps = row.tokens_per_s if row else None
+        tps_source = row.source if row else "unknown: add it to --throughput-file"
         price, price_source = spot.get(itype), "spot price history (median over AZs)"
         if price is None:
             on_demand = table.on_demand(itype, region)
@@ -134,12 +154,15 @@ def advise(instance_types: list[str] | None = None, region: str | None = None, p
         bucket = buckets.get(itype, "unknown")
         rate = BUCKET_RATES.get(bucket, UNKNOWN_BUCKET_RATE)
         per_m = expected_usd_per_million(price, tps, rate, restart_overhead) if price is not None and tps else None
-        advice.append(Advice(itype, tps, tps_source, price, price_source, bucket, rate, per_m))
+        advice.append(Advice(itype, tps, tps_source, row.basis if row else None, price, price_source, bucket, rate,
+                             per_m))
     if any(a.price_source.startswith("estimate") for a in advice):
         notes.append(f"no current spot price for some types: estimated as on-demand x {TYPICAL_SPOT_PRICE_RATIO} "
                      "(a typical GPU spot discount)")
-    if any(a.throughput_source.startswith("estimate") for a in advice):
-        notes.append("bundled throughputs are estimates; measure yours and pass --throughput-file")
+    estimated = [a.instance_type for a in advice if a.throughput_basis == "estimate"]
+    if estimated:
+        notes.append(f"tokens/s of {len(estimated)} of {len(advice)} types are estimates, not measurements; "
+                     "measure yours and pass --throughput-file")
     advice.sort(key=lambda a: (a.usd_per_million_tokens is None, a.usd_per_million_tokens or 0.0))
     return advice, notes
 

@@ -60,7 +60,7 @@ def advise(
     instance_types: list[str] = typer.Option([], "--instance-types", "-t",
                                              help="Candidate types (repeat or comma-separate); default: all known."),
     throughput_file: Optional[Path] = typer.Option(None, "--throughput-file",
-                                                   help="CSV instance_type,tokens_per_s[,source] of your measurements."),
+                                                   help="CSV instance_type,tokens_per_s[,basis][,source] of your measurements."),
     restart_overhead: float = typer.Option(1.0, "--restart-overhead",
                                            help="Weight of the interruption rate in the expected cost."),
     top: int = typer.Option(4, "--top", min=1, help="How many types go into the tfvars line."),
@@ -79,11 +79,13 @@ def advise(
         print_json({"region": resolved, "ranking": [a.to_dict() for a in ranked], "notes": notes, "tfvars": line})
         return
     out = console()
-    table = Table("#", "type", "$/M tokens", "tokens/s", "$/h", "interruptions", "price from", "throughput from",
+    table = Table("#", "type", "$/M tokens", "tokens/s", "tokens/s is", "$/h", "interruptions", "price from",
+                  "throughput from",
                   title=f"instance types by expected cost per token ({resolved})")
     for rank, a in enumerate(ranked, start=1):
         table.add_row(str(rank), a.instance_type, money(a.usd_per_million_tokens), 
-                      "-" if a.tokens_per_s is None else f"{a.tokens_per_s:,.0f}", money(a.usd_per_hour),
+                      "-" if a.tokens_per_s is None else f"{a.tokens_per_s:,.0f}", a.throughput_basis or "-",
+                      money(a.usd_per_hour),
                       a.interruption_bucket, a.price_source, a.throughput_source)
     out.print(table)
     for note in notes:

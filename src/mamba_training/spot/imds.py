@@ -1,6 +1,6 @@
 """The IMDSv2 client: where the metadata service is, tokens, and reads with short timeouts.
 
-IMDSv2 only (DESIGN.md, "Spot protocol"): `PUT /latest/api/token` with a TTL header, then GETs
+IMDSv2 only (docs/design.md, "Spot protocol"): `PUT /latest/api/token` with a TTL header, then GETs
 carrying the token. The token is renewed when 15 s or less of its life remain (as
 aws-node-termination-handler does) and once more when a GET answers 401. Every request has a
 short timeout so a hung service never holds the caller for long.

@@ -2,7 +2,7 @@
 
 The trainer creates it with `make_watcher(config.spot.imds_url, config.spot.poll_seconds)` and
 calls `poll()` at each step boundary; `poll()` never blocks and nothing here ever raises into
-the trainer. Polled paths (DESIGN.md, "Spot protocol"):
+the trainer. Polled paths (docs/design.md, "Spot protocol"):
 
 - `spot/instance-action` -> `Interruption` (404 = no notice). A payload we cannot trust —
   HTML, truncated JSON, an unknown action, a time that is unparseable or already past — is

@@ -1,4 +1,6 @@
-"""Metric sinks the trainer writes to at each logged step: JSON lines, TensorBoard, CloudWatch."""
+"""Metric sinks the trainer writes to at each logged step and checkpoint commit: TensorBoard and
+CloudWatch (the run's own metrics.jsonl is train/records.py's). A sink never blocks or stops
+training: CloudWatch publishes from a background thread, and a sink that raises is dropped."""
 
 from __future__ import annotations
 
@@ -43,21 +45,25 @@ class TensorBoardSink:
 
 
 class CloudWatchSink:
-    """Batched PutMetricData through aws.metrics; failures are logged, never raised."""
+    """CloudWatch metrics off the training loop: `write()` only enqueues for a background thread
+    that batches PutMetricData (aws.metrics.BackgroundPublisher); failures are logged, never raised.
+    `close()` sends what is queued and waits at most `close_timeout` seconds."""
 
     def __init__(self, namespace: str, project: str, environment: str, run: str, region: str | None,
-                 profile: str | None) -> None:
-        from mamba_training.aws.metrics import CloudWatchPublisher
+                 profile: str | None, close_timeout: float = 10.0) -> None:
+        from mamba_training.aws.metrics import BackgroundPublisher, CloudWatchPublisher
 
-        self._publisher = CloudWatchPublisher(namespace, project, environment, run, region=region, profile=profile)
+        self.close_timeout = close_timeout
+        self.publisher = BackgroundPublisher(
+            CloudWatchPublisher(namespace, project, environment, run, region=region, profile=profile))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         named = {CLOUDWATCH_NAMES[k]: float(v) for k, v in values.items() if k in CLOUDWATCH_NAMES}
-        self._publisher.put(named)
-        self._publisher.flush()
+        if named:
+            self.publisher.put(named)
 
-    def close(self) -> None:
-        self._publisher.flush()
+    def close(self) -> bool:
+        return self.publisher.close(self.close_timeout)
 
 
 class Sinks:

@@ -274,6 +274,8 @@ class Trainer:
             self._recorded_commit = commit.step
             self.stopping.note_commit(commit.seconds)
             self._record_event("checkpoint", checkpoint_step=commit.step, seconds=round(commit.seconds, 3))
+            if getattr(self, "sinks", None) is not None:  # the dashboard's CheckpointSeconds
+                self.sinks.write(commit.step, {"checkpoint_s": commit.seconds})
             if upload_records:
                 self._upload_records()
 

@@ -1,8 +1,8 @@
 """The fast PyTorch selective scan: time in chunks, a hand-written backward, no per-step graph.
 
-Why it is fast on a CPU (see DESIGN.md, "Mamba on CPU"): autograd through a per-step loop
-records thousands of tiny nodes and, in transformers' slow path, builds a full-size zero
-gradient at every step. Here the recurrence runs outside autograd, one in-place `addcmul_`
+Why it is fast on a CPU (docs/design.md, "Measured facts the code relies on"): autograd
+through a per-step loop records thousands of tiny nodes and, in transformers' slow path,
+builds a full-size zero gradient at every step. Here the recurrence runs outside autograd, one in-place `addcmul_`
 per time step, and the backward is written by hand:
 
     forward   h_t = a_t * h_{t-1} + u_t,   a_t = exp(dt_t A),  u_t = dt_t x_t B_t,  y_t = C_t . h_t

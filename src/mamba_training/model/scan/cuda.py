@@ -1,7 +1,7 @@
 """The CUDA selective scan: mamba_ssm's fused kernel, when that optional package is importable.
 
 mamba_ssm is imported lazily and never required: it has no CPU wheels, and once importable it
-changes how transformers' Mamba runs (DESIGN.md). Its layout is (batch, channels, time); ours
+changes how transformers' Mamba runs (docs/design.md, "Measured facts"). Its layout is (batch, channels, time); ours
 is (batch, time, channels), so inputs are transposed on the way in and out.
 """
 
