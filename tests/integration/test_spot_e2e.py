@@ -4,11 +4,16 @@ A notice (or SIGTERM, or a lifecycle termination) stops a real `mamba-training t
 which commits an emergency checkpoint to S3 and exits 75; a second process with an empty local
 cache — the replacement instance — resumes from S3, and the final weights are bitwise those of
 an uninterrupted run, with no step lost.
+
+Every trigger lands at an exact step: the trainer is held after that step (train/control.py)
+until the test has served the notice, so nothing here depends on the machine's speed. Random
+steps come from a fixed seed that the test prints.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -18,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -66,38 +71,52 @@ def child_env(endpoint: str | None) -> dict[str, str]:
 
 
 class Training:
-    """One `mamba-training train` subprocess; output goes to files so pipes never fill up."""
+    """One `mamba-training train` subprocess; output goes to files so pipes never fill up.
+    `hold` lists the steps after which the trainer waits for the test (train/control.py)."""
 
     def __init__(self, workdir: Path, name: str, store: str, *extra: str, data: Path,
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, hold: tuple[int, ...] = (), env: dict[str, str] | None = None) -> None:
         self.log = workdir / f"{name}.log"
         self.cache = workdir / f"cache-{name}"  # every process starts with an empty local cache
+        self.control = workdir / f"control-{name}"
         args = train_args(store, self.cache, data, *extra)
+        environ = {**child_env(endpoint), **(env or {})}
+        if hold:
+            environ |= {"MAMBA_TRAINING_HOLD_AT": ",".join(map(str, hold)),
+                        "MAMBA_TRAINING_CONTROL_DIR": str(self.control)}
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "mamba_training", *args], cwd=workdir,
-                                         stdout=out, stderr=subprocess.STDOUT, env=child_env(endpoint))
+                                         stdout=out, stderr=subprocess.STDOUT, env=environ)
 
-    def local_steps(self) -> list[int]:
-        """Steps this process has logged so far (from its local records)."""
-        steps = []
-        for path in self.cache.glob("**/records/*/metrics.jsonl"):
-            for line in path.read_text().splitlines():
-                try:
-                    steps.append(json.loads(line)["step"])
-                except (json.JSONDecodeError, KeyError):
-                    continue
-        return steps
-
-    def wait_for_step(self, step: int, timeout: float = 120) -> None:
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
+        """Wait for an event (generous timeout), failing at once if the process exits first."""
         deadline = time.monotonic() + timeout
-        while not any(s >= step for s in self.local_steps()):
+        while not condition():
             if self.proc.poll() is not None:
-                raise AssertionError(f"training exited {self.proc.returncode} before step {step}:\n{self.output()}")
+                raise AssertionError(f"training exited {self.proc.returncode} before {what}:\n{self.output()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no step {step} within {timeout} s:\n{self.output()}")
+                raise AssertionError(f"no {what} within {timeout} s:\n{self.output()}")
             time.sleep(0.01)
 
-    def wait(self, timeout: float = 120) -> int:
+    def wait_held(self, step: int) -> None:
+        """Until the trainer has completed `step` and waits there."""
+        self.wait_until((self.control / f"reached-{step}").exists, f"hold at step {step}")
+
+    def release(self, step: int) -> None:
+        (self.control / f"release-{step}").touch()
+
+    def local_events(self) -> list[dict]:
+        """Events this process has recorded so far (its local records, before any upload)."""
+        rows = []
+        for path in self.cache.glob("**/records/*/events.jsonl"):
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return rows
+
+    def wait(self, timeout: float = 240) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -134,12 +153,15 @@ def assert_committed(run: str, step: int) -> None:
     assert head["ContentLength"] > 0
 
 
-class ThrottledProxy:
-    """A TCP proxy to the moto server that slows uploads, so a checkpoint save stays in flight."""
+class GatedProxy:
+    """A TCP proxy to the moto server whose uploads the test can stop and let go: while the gate
+    is closed, bytes from the trainer are held (its connections stay open), so a checkpoint save
+    stays in flight exactly as long as the test wants."""
 
-    def __init__(self, target: str, bytes_per_second: float) -> None:
+    def __init__(self, target: str) -> None:
         self.target_port = int(target.rsplit(":", 1)[1])
-        self.rate = bytes_per_second
+        self.gate = threading.Event()
+        self.gate.set()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -154,17 +176,18 @@ class ThrottledProxy:
             threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
         try:
             while data := src.recv(16384):
-                if slow:
-                    time.sleep(len(data) / self.rate)
+                if gated:
+                    self.gate.wait()
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
     def close(self) -> None:
+        self.gate.set()
         self.listener.close()
 
 
@@ -202,28 +225,33 @@ def s3(aws: str) -> str:
 
 
 # ------------------------------------------------------------------ tests
+SEED = 20261201  # random steps below are drawn from it
+
+
 def test_notice_at_a_random_step_then_a_fresh_instance_resumes_from_s3_bitwise(
     baseline: dict, data: Path, emulator: ImdsEmulator, s3: str, tmp_path: Path
 ) -> None:
-    seed = int(time.time())
-    notice_step = random.Random(seed).randint(3, 35)
+    notice_step = random.Random(SEED).randint(3, 35)
+    print(f"seed {SEED}: notice at step {notice_step}")
     store = f"s3://{BUCKET}/notice"
-    first = Training(tmp_path, "first", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3)
-    first.wait_for_step(notice_step)
+    first = Training(tmp_path, "first", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3,
+                     hold=(notice_step,))
+    first.wait_held(notice_step)
     emulator.interrupt("terminate")
-    assert first.wait() == 75, f"seed {seed}:\n{first.output()}"
+    assert first.wait() == 75, f"seed {SEED}:\n{first.output()}"
     assert "preempted (interruption:terminate)" in first.output()
 
     records = read_run(store)
     (exit_event,) = exits(records.events)
-    stopped = exit_event["step"]
-    assert notice_step <= stopped < MAX_STEPS, f"seed {seed}"
+    assert exit_event["step"] == notice_step, f"seed {SEED}"  # the boundary right after the held step
     assert exit_event["reason"] == "interruption:terminate" and exit_event["exit_code"] == 75
-    assert exit_event["lost_steps"] == 0 and exit_event["committed_step"] == stopped
-    assert 0 <= exit_event["notice_to_durable_s"] < 30
-    assert_committed("notice", stopped)
+    assert exit_event["lost_steps"] == 0 and exit_event["committed_step"] == notice_step
+    assert exit_event["notice_to_durable_s"] >= 0
+    assert_committed("notice", notice_step)
     interruption = next(e for e in records.events if e["kind"] == "interruption")
-    assert interruption["action"] == "terminate" and 100 < interruption["seconds_left"] <= 120
+    # The emulator's notice time is 120 s after it; the trainer reads it some time later.
+    assert interruption["action"] == "terminate" and 0 < interruption["seconds_left"] <= 120
+    assert interruption["step"] == notice_step and interruption["malformed"] is False
 
     emulator.reset()  # the replacement instance gets no notice
     second = Training(tmp_path, "second", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3)
@@ -231,7 +259,7 @@ def test_notice_at_a_random_step_then_a_fresh_instance_resumes_from_s3_bitwise(
     assert_same_weights(baseline, s3_weights("notice/final/model.safetensors"))
     records = read_run(store)
     assert [e["kind"] for e in records.events if e["kind"] in ("start", "resume")] == ["start", "resume"]
-    assert next(e for e in records.events if e["kind"] == "resume")["step"] == stopped
+    assert next(e for e in records.events if e["kind"] == "resume")["step"] == notice_step
     assert [e["lost_steps"] for e in exits(records.events)] == [0, 0]
     assert_every_step_once(records.metrics)
     # The replacement's running cost starts from what the first instance spent.
@@ -243,30 +271,40 @@ def test_notice_at_a_random_step_then_a_fresh_instance_resumes_from_s3_bitwise(
 def test_the_budget_counts_every_instance_of_the_run(data: Path, emulator: ImdsEmulator, s3: str,
                                                      tmp_path: Path) -> None:
     """train.max_cost_usd stops the run with a checkpoint; a replacement that starts already over
-    the budget (earlier segments' ledgers) stops again at its first metrics line."""
+    the budget (earlier segments' ledgers) stops again at its first metrics line. The ledger counts
+    0.1 s per step (MAMBA_TRAINING_FAKE_SECONDS_PER_STEP), so the stopping step is exact."""
     store = f"s3://{BUCKET}/budget"
-    sets = [f"spot.imds_url={emulator.url}", "train.max_cost_usd=0.0004"]  # ~1.4 s of a $1/h instance
-    first = Training(tmp_path, "first", store, *sets, data=data, endpoint=s3)
+    limit, per_step = 0.0004, 0.1
+    sets = [f"spot.imds_url={emulator.url}", f"train.max_cost_usd={limit}"]
+    clock = {"MAMBA_TRAINING_FAKE_SECONDS_PER_STEP": str(per_step)}
+    first = Training(tmp_path, "first", store, *sets, data=data, endpoint=s3, env=clock)
     assert first.wait() == 0, first.output()
     assert "stopped:" in first.output() and "max_cost_usd" in first.output()
     records = read_run(store)
+    (ledger,) = records.ledgers
+    price = ledger["entries"][0]["usd_per_hour"]
+    steps_to_limit = limit * 3600 / (per_step * price)  # the cost passes the limit after this many steps
+    assert price > 0 and 0.05 < steps_to_limit % 1 < 0.95, price  # not a near-tie for float sums
+    expected = math.ceil(steps_to_limit)
+    assert expected < MAX_STEPS
     (stop,) = exits(records.events)
-    assert stop["reason"] == "budget" and stop["committed_step"] == stop["step"] < MAX_STEPS
-    assert_committed("budget", stop["step"])
+    assert stop["reason"] == "budget" and stop["step"] == stop["committed_step"] == expected, (stop, price)
+    assert_committed("budget", expected)
 
-    second = Training(tmp_path, "second", store, *sets, data=data, endpoint=s3)
+    second = Training(tmp_path, "second", store, *sets, data=data, endpoint=s3, env=clock)
     assert second.wait() == 0, second.output()
     records = read_run(store)
     again = exits(records.events)[-1]
-    assert again["reason"] == "budget" and again["step"] == stop["step"] + 1  # log_every=1: one step
-    spent = [l["cost_usd"] for l in records.ledgers]
-    assert len(spent) == 2 and sum(spent) > 0.0004
+    assert again["reason"] == "budget" and again["step"] == expected + 1  # log_every=1: one step
+    spent = sorted(l["cost_usd"] for l in records.ledgers)
+    assert spent == pytest.approx(sorted([expected * per_step * price / 3600, per_step * price / 3600]), abs=1e-6)
 
 
 def test_three_interruptions_in_one_run(
     baseline: dict, data: Path, emulator: ImdsEmulator, s3: str, tmp_path: Path
 ) -> None:
-    """A spot notice (after a rebalance recommendation), a lifecycle termination, then SIGTERM."""
+    """A spot notice (after a rebalance recommendation), a lifecycle termination, then SIGTERM,
+    each while the trainer is held at its step."""
     store = f"s3://{BUCKET}/thrice"
     triggers = [
         (8, lambda proc: emulator.interrupt("stop"), "interruption:stop"),
@@ -275,17 +313,20 @@ def test_three_interruptions_in_one_run(
     ]
     for n, (step, trigger, reason) in enumerate(triggers):
         emulator.reset()
-        proc = Training(tmp_path, f"segment-{n}", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3)
+        hold = (3, step) if n == 0 else (step,)
+        proc = Training(tmp_path, f"segment-{n}", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3,
+                        hold=hold)
         if n == 0:
-            proc.wait_for_step(3)
-            emulator.rebalance()  # an early checkpoint, and training goes on
-        proc.wait_for_step(step)
+            proc.wait_held(3)
+            emulator.rebalance()  # releases the hold: an early checkpoint of step 3, and training goes on
+        proc.wait_held(step)
         trigger(proc)
         assert proc.wait() == 75, proc.output()
         assert f"preempted ({reason})" in proc.output()
         last_exit = exits(read_run(store).events)[-1]
         assert last_exit["reason"] == reason and last_exit["lost_steps"] == 0
-        assert_committed("thrice", last_exit["step"])  # the emergency checkpoint, before retention prunes it
+        assert last_exit["step"] == last_exit["committed_step"] == step
+        assert_committed("thrice", step)  # the emergency checkpoint, before retention prunes it
     emulator.reset()
     last = Training(tmp_path, "segment-last", store, f"spot.imds_url={emulator.url}", data=data, endpoint=s3)
     assert last.wait() == 0, last.output()
@@ -295,8 +336,9 @@ def test_three_interruptions_in_one_run(
     assert len(records.segments) == 4
     assert [e["reason"] for e in exits(records.events)] == [r for _, _, r in triggers] + ["completed"]
     assert all(e["lost_steps"] == 0 for e in exits(records.events))
-    assert [e["kind"] for e in records.events if e["kind"] in ("rebalance", "early_checkpoint")] == [
-        "rebalance", "early_checkpoint"]
+    assert [(e["kind"], e["step"]) for e in records.events if e["kind"] in ("rebalance", "early_checkpoint")] == [
+        ("rebalance", 3), ("early_checkpoint", 3)]
+    assert ("checkpoint", 3) in [(e["kind"], e.get("checkpoint_step")) for e in records.events]
     assert_every_step_once(records.metrics)
 
 
@@ -309,23 +351,32 @@ def test_an_unreachable_emulator_does_not_stop_training(baseline: dict, data: Pa
 
 
 def test_a_notice_during_an_in_flight_async_save(data: Path, emulator: ImdsEmulator, s3: str, tmp_path: Path) -> None:
-    """Uploads go through a slow link: the step-10 save is still uploading when the notice comes."""
-    proxy = ThrottledProxy(s3, bytes_per_second=400_000)
+    """The step-10 save is handed off while the test holds every upload; the notice comes at step
+    11; only once the trainer has seen it are the uploads let go: the in-flight save is flushed and
+    committed after the notice, then the emergency checkpoint of step 11."""
+    proxy = GatedProxy(s3)
     store = f"s3://{BUCKET}/inflight"
     try:
         first = Training(tmp_path, "first", store, f"spot.imds_url={emulator.url}", "checkpoint.async_save=true",
-                         data=data, endpoint=proxy.url)
-        first.wait_for_step(10)  # the step-10 save is handed to the background writer now
+                         data=data, endpoint=proxy.url, hold=(10, 11))
+        first.wait_held(10)  # the step-10 checkpoint is taken at the boundary after this hold
+        proxy.gate.clear()
+        first.release(10)
+        first.wait_held(11)  # the step-10 save is in flight: its upload cannot pass the gate
         emulator.interrupt("terminate")
+        first.wait_until(lambda: any(e["kind"] == "interruption" for e in first.local_events()), "the notice")
+        assert not any(e["kind"] == "checkpoint" for e in first.local_events())  # nothing committed yet
+        proxy.gate.set()
         assert first.wait() == 75, first.output()
     finally:
         proxy.close()
     events = read_run(store).events
     kinds = [(e["kind"], e.get("checkpoint_step")) for e in events]
     assert kinds.index(("checkpoint", 10)) > kinds.index(("interruption", None)), kinds  # committed after the notice
+    assert kinds.index(("checkpoint", 11)) > kinds.index(("checkpoint", 10)), kinds
     (exit_event,) = exits(events)
-    assert exit_event["lost_steps"] == 0  # the flushed save may itself be the emergency checkpoint
+    assert (exit_event["step"], exit_event["committed_step"], exit_event["lost_steps"]) == (11, 11, 0)
     assert_committed("inflight", 10)
-    assert_committed("inflight", exit_event["step"])
+    assert_committed("inflight", 11)
     # Resuming from a committed checkpoint is proved bitwise by the tests above; the point here is
     # that the in-flight save was flushed and committed before the emergency one.
