@@ -9,7 +9,7 @@ CHECKOV_PIN := checkov==3.3.30
 TOOLS := .tools
 ARGS ?=
 
-.PHONY: run test bench lint clean install install-dev tools
+.PHONY: run test bench lint clean install install-dev tools wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ test: install-dev tools
 bench: install-dev
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/throughput.py
+
+# Wheels for bench/gpu.sh on a GPU machine that can fetch nothing: the package's dependencies
+# (torch, triton and transformers are expected there) for CPython $(WHEEL_PY) on manylinux x86_64.
+WHEEL_PY ?= 3.12
+wheels:
+	$(PYTHON) -m pip download --quiet --dest .whl --only-binary=:all: --implementation cp \
+	  --python-version $(WHEEL_PY) --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -r <($(PYTHON) bench/gpu.py --requirements)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs .pytest_cache
