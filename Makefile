@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 CHECKOV_PIN := checkov==3.3.30
+TRITON_PIN := triton==3.9.0
 TOOLS := .tools
 ARGS ?=
 
@@ -29,9 +30,15 @@ $(TOOLS)/checkov/bin/checkov:
 	$(PYTHON) -m venv $(TOOLS)/checkov
 	$(TOOLS)/checkov/bin/pip install --quiet $(CHECKOV_PIN)
 
+# triton for the Triton scan's tests (its interpreter, on the CPU), kept out of .venv: once it is
+# importable, `import torch` imports it too, and a process that ends in an error mid-run then
+# prints nanobind leak reports after its error line. The tests put it on a child's path.
+$(TOOLS)/triton/triton/__init__.py: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --target $(TOOLS)/triton $(TRITON_PIN)
+
 install: $(VENV)/.installed-run
 install-dev: $(VENV)/.installed-dev
-tools: $(TOOLS)/checkov/bin/checkov
+tools: $(TOOLS)/checkov/bin/checkov $(TOOLS)/triton/triton/__init__.py
 
 run: install
 	$(BIN)/mamba-training train --config configs/tiny.yaml $(ARGS)

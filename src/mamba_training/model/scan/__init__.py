@@ -88,7 +88,7 @@ def resolve_scan_name(name: str, device: torch.device) -> str:
             f"use model.scan=auto (triton on a GPU, chunked on a CPU)"
         )
     if name == "triton" and not (triton_importable() and (on_gpu or triton_interpreted())):
-        cause = "triton is not installed" if not triton_importable() else f"tensors are on {device.type}"
+        cause = f"tensors are on {device.type}" if not (on_gpu or triton_interpreted()) else "triton is not installed"
         raise ModelError(
             f"model.scan: 'triton' needs a CUDA GPU and the triton package, but {cause}; "
             f"use model.scan=auto (chunked on a CPU)"
