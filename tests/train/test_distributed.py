@@ -1,6 +1,6 @@
-from mamba_training.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, backends
-
 import torch
+
+from mamba_training.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, backends
 
 
 def test_gpus_send_gradients_over_nccl_and_control_values_over_gloo() -> None:
