@@ -1,7 +1,7 @@
 """Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), like nanoGPT.
 
-On GPUs gradients go over NCCL; the small per-step control all-reduces (the stop decision, the
-budget check, the logged loss) go over a second, gloo group on CPU tensors, so deciding whether
+On GPUs gradients go over NCCL; the small control collectives (the per-step stop decision, the
+logged loss, the RNG gather, barriers) go over a second, gloo group on CPU tensors, so deciding whether
 to stop never waits for the GPU to drain its queue of kernels (an NCCL all-reduce read back with
 `.item()` would, every step).
 """
@@ -94,8 +94,8 @@ def all_reduce_max_vector(values: list[float], info: DistInfo) -> list[float]:
     entry to get its minimum)."""
     if not info.enabled:
         return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor(values, dtype=torch.float64, device="cpu" if info.control is not None else info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.control)
     return [float(v) for v in tensor.tolist()]
 
 
@@ -104,7 +104,7 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=info.control)
     return gathered
 
 
