@@ -6,10 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 CHECKOV_PIN := checkov==3.3.30
+TRITON_PIN := triton==3.9.0
 TOOLS := .tools
 ARGS ?=
 
-.PHONY: run test bench lint clean install install-dev tools
+.PHONY: run test bench lint clean install install-dev tools wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +30,15 @@ $(TOOLS)/checkov/bin/checkov:
 	$(PYTHON) -m venv $(TOOLS)/checkov
 	$(TOOLS)/checkov/bin/pip install --quiet $(CHECKOV_PIN)
 
+# triton for the Triton scan's tests (its interpreter, on the CPU), kept out of .venv: once it is
+# importable, `import torch` imports it too, and a process that ends in an error mid-run then
+# prints nanobind leak reports after its error line. The tests put it on a child's path.
+$(TOOLS)/triton/triton/__init__.py: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --target $(TOOLS)/triton $(TRITON_PIN)
+
 install: $(VENV)/.installed-run
 install-dev: $(VENV)/.installed-dev
-tools: $(TOOLS)/checkov/bin/checkov
+tools: $(TOOLS)/checkov/bin/checkov $(TOOLS)/triton/triton/__init__.py
 
 run: install
 	$(BIN)/mamba-training train --config configs/tiny.yaml $(ARGS)
@@ -43,6 +50,14 @@ test: install-dev tools
 bench: install-dev
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/throughput.py
+
+# Wheels for bench/gpu.sh on a GPU machine that can fetch nothing: the package's dependencies
+# (torch, triton and transformers are expected there) for CPython $(WHEEL_PY) on manylinux x86_64.
+WHEEL_PY ?= 3.12
+wheels:
+	$(PYTHON) -m pip download --quiet --dest .whl --only-binary=:all: --implementation cp \
+	  --python-version $(WHEEL_PY) --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any -r <($(PYTHON) bench/gpu.py --requirements)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs .pytest_cache

@@ -35,7 +35,7 @@ class ModelConfig(_Section):
     vocab_size: int | Literal["auto"] = "auto"  # "auto": taken from the tokenizer
     pad_vocab_size_multiple: int = Field(8, gt=0)
     layer_norm_epsilon: float = Field(1e-5, gt=0)
-    scan: str = "auto"  # auto | chunked | reference | cuda (see mamba_training.model.scan)
+    scan: str = "auto"  # auto | chunked | reference | triton | cuda (see mamba_training.model.scan)
 
     @field_validator("dt_rank", "vocab_size")
     @classmethod
@@ -70,7 +70,7 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, gt=0)
     log_every: int = Field(10, gt=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on a bf16 GPU, else off; bf16: any device, CPU too
     threads: int | None = Field(None, gt=0)  # torch intra-op threads; None: torch's default
     sample_tokens: int = Field(200, ge=0)  # length of the text sample generated at the end
     max_cost_usd: float | None = Field(None, gt=0)  # budget guard: stop gracefully past it

@@ -26,7 +26,7 @@ def tiny(**changes) -> MambaConfig:
         ({"dt_rank": 0}, "model.dt_rank must be 'auto' or an integer > 0 (got 0)"),
         ({"layer_norm_epsilon": 0.0}, "model.layer_norm_epsilon must be > 0 (got 0.0)"),
         ({"dt_min": 0.5, "dt_max": 0.1}, "model.dt_min must be <= model.dt_max"),
-        ({"scan": "warp"}, "model.scan: unknown scan 'warp'; choose one of: auto, chunked, reference, cuda"),
+        ({"scan": "warp"}, "model.scan: unknown scan 'warp'; choose one of: auto, chunked, reference, triton, cuda"),
     ],
 )
 def test_invalid_config_raises_model_error_naming_the_field(changes, message):

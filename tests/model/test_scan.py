@@ -91,7 +91,7 @@ def test_bfloat16_inputs_are_computed_in_float32_and_returned_in_bfloat16():
 
 
 def test_registry_lists_every_backend():
-    assert available_scans() == ["auto", "chunked", "reference", "cuda"]
+    assert available_scans() == ["auto", "chunked", "reference", "triton", "cuda"]
     assert get_scan("chunked") is chunked_scan
     assert get_scan("reference") is reference_scan
 
@@ -109,48 +109,75 @@ def test_unknown_scan_name_lists_the_valid_ones():
 
 
 def test_cuda_scan_on_cpu_tensors_is_a_clear_error():
-    with pytest.raises(ModelError, match="'cuda' needs a GPU and the mamba_ssm package"):
+    with pytest.raises(ModelError, match="'cuda' needs a CUDA GPU and the mamba_ssm package, but tensors are on cpu; "
+                                         "use model.scan=auto"):
         get_scan("cuda", "cpu")
 
 
-def _selective_scan_ref_bdl(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba_ssm's selective_scan_ref, in its own (batch, channels, time) layout, variable B and C."""
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None]
-    if delta_softplus:
-        delta = torch.nn.functional.softplus(delta)
-    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    x = A.new_zeros(u.shape[0], A.shape[0], A.shape[1])
-    ys = []
-    for i in range(u.shape[2]):
-        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
-        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
-    out = torch.stack(ys, dim=2)
-    out = out if D is None else out + u * D[..., None]
-    return out if z is None else out * torch.nn.functional.silu(z)
+def test_triton_scan_on_cpu_tensors_is_a_clear_error(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ModelError, match="'triton' needs a CUDA GPU and the triton package, but tensors are on cpu; "
+                                         "use model.scan=auto"):
+        get_scan("triton", "cpu")
 
 
-def test_cuda_backend_hands_mamba_ssm_its_channel_first_layout(monkeypatch: pytest.MonkeyPatch):
-    """No GPU here: a stand-in module with mamba_ssm's interface checks what cuda_scan passes it."""
-    import sys
-    import types
-
+def test_cuda_backend_passes_the_strict_kernel_checks_and_equals_reference(monkeypatch: pytest.MonkeyPatch):
     from mamba_training.model.scan.cuda import cuda_scan
+    from model.strict_mamba_ssm import install
 
-    calls = []
-
-    def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kw):
-        calls.append((u.shape, B.shape, delta_softplus))
-        return _selective_scan_ref_bdl(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    interface.selective_scan_fn = selective_scan_fn
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", interface)
-
-    inputs = make_inputs(2, 9, 5, 3)
+    calls = install(monkeypatch)
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(2, 9, 5, 3, dtype=torch.float32).items()}
     out = cuda_scan(**inputs)
-    assert calls == [((2, 5, 9), (2, 3, 9), True)]
-    torch.testing.assert_close(out, reference_scan(**inputs), rtol=1e-10, atol=1e-10)
+    assert calls[0]["u"] == (2, 5, 9) and calls[0]["B"] == (2, 1, 3, 9) and calls[0]["softplus"]
+    ref = reference_scan(**inputs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    for name, r, f in zip(NAMES, torch.autograd.grad(ref, list(inputs.values()), grad_out),
+                          torch.autograd.grad(out, list(inputs.values()), grad_out)):
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def test_cuda_backend_in_bfloat16_returns_bfloat16_and_float32_weight_gradients(monkeypatch: pytest.MonkeyPatch):
+    from mamba_training.model.scan.cuda import cuda_scan
+    from model.strict_mamba_ssm import install
+
+    install(monkeypatch)
+    inputs = make_inputs(2, 6, 4, 3, dtype=torch.float32)
+    half = {k: (v.bfloat16() if k in ("x", "delta", "B", "C", "z") else v).requires_grad_() for k, v in inputs.items()}
+    out = cuda_scan(**half)
+    assert out.dtype == torch.bfloat16
+    grads = dict(zip(NAMES, torch.autograd.grad(out.float().sum(), list(half.values()))))
+    assert {k: g.dtype for k, g in grads.items()} == {k: v.dtype for k, v in half.items()}
+
+
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        ({"x": torch.float32, "delta": torch.bfloat16}, "delta.dtype == u.dtype"),  # the old autocast bug
+        ({"x": torch.float64, "delta": torch.float64, "B": torch.float64, "C": torch.float64, "z": torch.float64},
+         "u float32/float16/bfloat16"),
+        ({"A": torch.float64}, "A float32"),
+        ({"D": torch.bfloat16}, "D float32"),
+        ({"delta_bias": torch.float16}, "delta_bias float32"),
+        ({"z": torch.bfloat16}, "z.dtype == u.dtype"),
+        ({"B": torch.bfloat16}, "B.dtype == u.dtype"),
+    ],
+)
+def test_strict_kernel_stand_in_rejects_what_mamba_ssm_rejects(monkeypatch: pytest.MonkeyPatch, change, complaint):
+    from mamba_training.model.scan.cuda import cuda_scan
+    from model.strict_mamba_ssm import KernelCheckError, install
+
+    install(monkeypatch)
+    inputs = make_inputs(1, 4, 3, 2, dtype=torch.float32)
+    inputs.update({k: inputs[k].to(dtype) for k, dtype in change.items()})
+    with pytest.raises(KernelCheckError, match=complaint.replace("(", r"\(").replace(")", r"\)")):
+        cuda_scan(**inputs)
+
+
+def test_strict_kernel_stand_in_rejects_tensors_on_another_device(monkeypatch: pytest.MonkeyPatch):
+    from mamba_training.model.scan.cuda import cuda_scan
+    from model.strict_mamba_ssm import KernelCheckError, install
+
+    install(monkeypatch, device_type="meta")  # CPU tensors, as CPU tensors are for the real kernel
+    with pytest.raises(KernelCheckError, match="u on u's meta device, got cpu"):
+        cuda_scan(**make_inputs(1, 4, 3, 2, dtype=torch.float32))

@@ -16,14 +16,19 @@ RNG, scheduler, sampler) are copied at once; model and optimizer tensors are onl
 and copied later by `Snapshot.serialize()` (in the save thread), straight into the bytes of the
 safetensors file. They change only inside `optimizer.step()`, which the manager holds until
 that copy is done.
+
+On a GPU that copy runs on a side stream into pinned memory: it waits only for an event recorded
+when the snapshot was taken (so it sees exactly that step's tensors), overlaps the next step's
+forward and backward on the compute stream, and blocks only the save thread until it is done.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -81,6 +86,7 @@ class Snapshot:
     tree: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    ready: Any = None  # a torch.cuda.Event recorded at capture when pending tensors live on a GPU
 
     def serialize(self, reuse: torch.Tensor | None = None) -> torch.Tensor:
         """The safetensors file as one uint8 CPU tensor, each tensor copied straight into its slot.
@@ -114,13 +120,42 @@ class Snapshot:
         else:
             out = torch.empty(start + offset, dtype=torch.uint8, pin_memory=pinned)
         out[:start] = torch.frombuffer(bytearray(struct.pack("<Q", len(raw)) + raw), dtype=torch.uint8)
-        for name, t in everything.items():
-            begin, end = header[name]["data_offsets"]
-            if end > begin:
-                out[start + begin:start + end].view(t.dtype).view(t.shape).copy_(t.detach())
+        with _copy_stream(everything.values(), self.ready) as non_blocking:
+            for name, t in everything.items():
+                begin, end = header[name]["data_offsets"]
+                if end > begin:
+                    out[start + begin:start + end].view(t.dtype).view(t.shape).copy_(t.detach(), non_blocking=non_blocking)
         self.pending = {}
         self.tensors = {}
+        self.ready = None
         return out
+
+
+_side_streams: dict[torch.device, Any] = {}
+
+
+@contextmanager
+def _copy_stream(tensors: Any, ready: Any) -> Iterator[bool]:
+    """Where serialize's copies run; yields whether they may be non-blocking.
+
+    CPU tensors: the calling thread, plain copies. GPU tensors: a side stream per device that
+    first waits for `ready` (the capture-time event; without one, for all work queued so far),
+    and is synchronised before the context ends, so the caller sees finished bytes.
+    """
+    device = next((t.device for t in tensors if t.is_cuda), None)
+    if device is None:
+        yield False
+        return
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device=device)
+    if ready is not None:
+        stream.wait_event(ready)
+    else:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        yield True
+    stream.synchronize()
 
 
 def estimate_bytes(app_state: dict[str, Any]) -> int:
@@ -170,6 +205,10 @@ def snapshot(app_state: dict[str, Any], defer_large: bool = False) -> Snapshot:
     for name, obj in app_state.items():
         large = isinstance(obj, (nn.Module, torch.optim.Optimizer))
         snap.tree[name] = walk(_state_dict(obj, model), name, defer_large and large)
+    gpu = next((t.device for t in snap.pending.values() if t.is_cuda), None)
+    if gpu is not None:  # the point in the compute stream at which these tensors are the step's
+        snap.ready = torch.cuda.Event()
+        snap.ready.record(torch.cuda.current_stream(gpu))
     return snap
 
 

@@ -80,6 +80,8 @@ class MambaMixer(nn.Module):
             return fused_mixer(xz, conv.weight, conv.bias, self.x_proj.weight, dt_proj.weight, dt_proj.bias,
                                A, self.D, self.out_proj.weight, chunk=self.chunk)
         x, z = xz.chunk(2, dim=-1)
+        # Dtypes as mamba_ssm's kernel requires: x, delta, B, C, z in the activation dtype (bf16
+        # under autocast: in_proj's, x_proj's and this F.linear's output), A, D, bias in float32.
         x = F.silu(_causal_conv(x, self.conv1d.weight, self.conv1d.bias, hidden.shape[1]))
         dt_low, B, C = self.x_proj(x).split([self.cfg.resolved_dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
         delta = F.linear(dt_low, self.dt_proj.weight)  # the bias is added inside the scan, before softplus
@@ -108,16 +110,22 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, length: int) -> torch.Tensor:
-    """Depthwise causal conv over time of x (batch, L, channels); weight (channels, 1, K)."""
+    """Depthwise causal conv over time of x (batch, L, channels); weight (channels, 1, K).
+
+    Computed in float32 for half-precision x and returned in x's dtype, like mamba_ssm's
+    causal_conv1d: the scan kernels need x in the same dtype as delta, B, C and z, which
+    autocast produces in bf16 (left to type promotion, float32 weights would make x float32).
+    """
     k = weight.shape[-1]
     w = weight[:, 0, :].t()  # (K, channels)
-    padded = F.pad(x, (0, 0, k - 1, 0))
+    dtype = x.dtype
+    padded = F.pad(_wide(x), (0, 0, k - 1, 0))
     out = padded[:, k - 1 :] * w[k - 1]
     if bias is not None:
         out = out + bias
     for i in range(k - 1):
         out = out.addcmul(padded[:, i : i + length], w[i])
-    return out
+    return out.to(dtype)
 
 
 class MambaBlock(nn.Module):

@@ -1,4 +1,10 @@
-"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), like nanoGPT."""
+"""Process-group setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), like nanoGPT.
+
+On GPUs gradients go over NCCL; the small control collectives (the per-step stop decision, the
+logged loss, the RNG gather, barriers) go over a second, gloo group on CPU tensors, so deciding whether
+to stop never waits for the GPU to drain its queue of kernels (an NCCL all-reduce read back with
+`.item()` would, every step).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    control: Any = None  # the gloo group for control all-reduces when gradients use NCCL
 
     @property
     def is_main(self) -> bool:
@@ -41,18 +48,31 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
     return device
 
 
+def backends(device_type: str) -> tuple[str, str | None]:
+    """(gradient backend, control backend or None when the gradient group serves both)."""
+    return ("nccl", "gloo") if device_type == "cuda" else ("gloo", None)
+
+
 def setup(device_setting: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun; a single process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_setting, local_rank)
+    control = None
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend, control_backend = backends(device.type)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        if control_backend is not None:
+            control = dist.new_group(backend=control_backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, control=control)
+
+
+def _control_tensor(value: float, info: DistInfo) -> torch.Tensor:
+    device = "cpu" if info.control is not None else info.device
+    return torch.tensor([value], dtype=torch.float64, device=device)
 
 
 def teardown() -> None:
@@ -64,8 +84,8 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     """The largest `value` over all ranks (used so every rank takes the same stop decision)."""
     if not info.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = _control_tensor(value, info)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.control)
     return float(tensor.item())
 
 
@@ -74,8 +94,8 @@ def all_reduce_max_vector(values: list[float], info: DistInfo) -> list[float]:
     entry to get its minimum)."""
     if not info.enabled:
         return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor(values, dtype=torch.float64, device="cpu" if info.control is not None else info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=info.control)
     return [float(v) for v in tensor.tolist()]
 
 
@@ -84,18 +104,18 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=info.control)
     return gathered
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensor = _control_tensor(value, info)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=info.control)
     return float(tensor.item()) / info.world_size
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.control)

@@ -32,10 +32,12 @@ from mamba_training.data import BatchSampler, TokenDataset, eval_batches, load_t
 from mamba_training.errors import EXIT_PREEMPTED, Preempted, UsageError
 from mamba_training.logging_setup import add_json_log
 from mamba_training.model import MambaConfig, MambaLM, load_hf_weights, save_hf
+from mamba_training.model.scan import resolve_scan_name
 from mamba_training.train import distributed, startup
 from mamba_training.train.control import Control
 from mamba_training.train.metrics import CloudWatchSink, Sinks, TensorBoardSink
 from mamba_training.train.optim import build_optimizer, build_scheduler
+from mamba_training.train.precision import autocast_for
 from mamba_training.train.records import LEDGER, LOG, RecordWriter, new_segment_id, read_run
 from mamba_training.train.state import TrainState, seed_rng
 from mamba_training.train.stopping import BUDGET, PREEMPT, Decision, StopPath, save_fits
@@ -95,6 +97,9 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         self.dist = distributed.setup(cfg.train.device)
+        # A scan backend or precision this device cannot run is refused now, before any work.
+        resolve_scan_name(cfg.model.scan, self.dist.device)
+        self.amp = autocast_for(cfg.train.amp, self.dist.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_rng(cfg.train.seed + self.dist.rank)
@@ -154,11 +159,6 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        self.amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.dist.device.type == "cuda" and cfg.train.amp in ("auto", "bf16")
-            else nullcontext()
-        )
 
     def _app_state(self) -> dict[str, Any]:
         return {
@@ -213,7 +213,7 @@ class Trainer:
             log.warning("uploading run records failed: %s", error)
 
     # ----------------------------------------------------------------- steps
-    def _train_step(self) -> float:
+    def _train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum micro-batches. Whether to take it at all was decided
         at the boundary, by every rank together: a step once begun is finished."""
         cfg = self.config.train
@@ -222,7 +222,7 @@ class Trainer:
         x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
         micro = cfg.grad_accum
         xs, ys = x.chunk(micro), y.chunk(micro)
-        total = 0.0
+        total = torch.zeros((), device=self.dist.device)  # on the device: no host sync per micro-batch
         for i, (mx, my) in enumerate(zip(xs, ys)):
             last = i == micro - 1
             sync = nullcontext() if last or not isinstance(self.model, DDP) else self.model.no_sync()
@@ -230,7 +230,7 @@ class Trainer:
                 logits = self.model(mx)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), my.reshape(-1))
             (loss / micro).backward()
-            total += loss.item() / micro
+            total += loss.detach() / micro
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -372,7 +372,8 @@ class Trainer:
         cfg = self.config
         resumed_from = self._restore_or_init()
         if self.dist.enabled:
-            self.model = DDP(self.model)
+            cuda = self.dist.device.type == "cuda"
+            self.model = DDP(self.model, device_ids=[self.dist.device.index] if cuda else None)
         self._start_services()
         self._val_batches = eval_batches(self.val_data, cfg.train.seq_len, cfg.train.batch_size,
                                          cfg.train.eval_batches, cfg.train.seed + 1)
@@ -403,13 +404,13 @@ class Trainer:
                 if decision.early:
                     self._record_event("early_checkpoint", reason="rebalance")
                 self._save()
-            loss = self._train_step()
+            step_loss = self._train_step()
             self.state.step += 1
             self.state.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             step = self.state.step
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                loss = distributed.all_reduce_mean(loss, self.dist)
+                loss = distributed.all_reduce_mean(step_loss.item(), self.dist)  # the host reads it here only
                 now = time.monotonic()
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0

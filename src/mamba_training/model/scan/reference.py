@@ -8,7 +8,8 @@ D, delta_bias: (d_inner,). Returns (batch, L, d_inner):
     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * x_t        (h_0 = 0, per channel and state)
     y_t  = (C_t . h_t + D * x_t) * silu(z_t)
 
-Autograd differentiates it step by step: slow, but obviously right.
+Autograd differentiates it step by step: slow, but obviously right. Half-precision inputs are
+computed in float32 and the result returned in x's dtype, as mamba_ssm's `selective_scan_ref`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def reference_scan(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        x, delta, A, B, C = x.float(), delta.float(), A.float(), B.float(), C.float()
+        z = z.float() if z is not None else None
     dt = F.softplus(delta if delta_bias is None else delta + delta_bias)
     h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])
     ys = []
@@ -38,4 +43,4 @@ def reference_scan(
         y = y + D * x
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return y.to(dtype)
