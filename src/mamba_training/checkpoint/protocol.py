@@ -364,6 +364,10 @@ def upload_checkpoint(store: Store, src: str | Path, progress: ProgressFactory |
         if not path.is_file() or path.stat().st_size != int(meta["size"]) or sha256_file(path) != meta["sha256"]:
             raise CheckpointError(f"{path} is missing or does not match {src / MANIFEST}")
     prefix = step_prefix(step)
+    # Checked first (and again by the create-only write): the copied manifest is not unique to this
+    # upload, so a 412 on it could not tell a committed checkpoint from our own lost response.
+    if store.exists(f"{prefix}/{MANIFEST}"):
+        raise CheckpointError(f"{store.describe(prefix)} already holds a committed checkpoint")
     for name, meta in manifest["files"].items():
         advance = progress(f"upload {name}", int(meta["size"])) if progress else None
         store.put_file(f"{prefix}/{name}", src / name, progress=advance)
