@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mamba_training.aws.prices import PriceTable, latest_quotes, saving_percent, spot_history
-from mamba_training.aws.session import aws_errors, client
+from mamba_training.aws.session import ProfileNotFoundError, aws_errors, client
 from mamba_training.errors import AwsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ def cost_report(ledgers: list[dict[str, Any]], project: str, since: dt.datetime 
         try:
             ce_total = cost_explorer_total(project, start, profile=profile)
             ce_note = f"Cost Explorer has no cost tagged Project={project} since {start}"
+        except ProfileNotFoundError:
+            raise  # the user named a profile that does not exist: not a reason to fall back quietly
         except AwsError as error:
             ce_note = f"Cost Explorer unavailable ({error})"
     if ce_total is not None:

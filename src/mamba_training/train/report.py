@@ -63,6 +63,18 @@ def interruptions(records: RunRecords) -> list[dict[str, Any]]:
     return rows
 
 
+def interrupted_segments(records: RunRecords) -> set[str]:
+    """Segments (process lifetimes) that an interruption ended or was ending: one each, however many
+    records it left (the notice, then the preempted exit). Rebalance recommendations do not count."""
+    found = set()
+    for event in records.events:
+        kind = event.get("kind")
+        if kind in ("interruption", "signal", "lifecycle") or \
+                (kind == "exit" and event.get("exit_code") == PREEMPTED_EXIT):
+            found.add(str(event.get("segment")))
+    return found
+
+
 def segment_host(segment: str) -> str:
     """`20261128T100000Z-ip-10-0-1-5-4242` -> `ip-10-0-1-5` (segment ids are <time>-<host>-<pid>)."""
     parts = segment.split("-")
@@ -112,7 +124,7 @@ def summary(records: RunRecords) -> dict[str, Any]:
         "best_val_loss": min(val) if val else None,
         "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
         "wall_hours": (max(times) - min(times)).total_seconds() / 3600 if len(times) > 1 else 0.0,
-        "interruptions": len(interruptions(records)),
+        "interruptions": len(interrupted_segments(records)),
         "lost_steps": sum(int(e.get("lost_steps") or 0) for e in exits),
         "last_exit": exits[-1].get("reason") if exits else None,
         "cost_usd": cost,
