@@ -223,3 +223,19 @@ def test_prepare_names_the_files_it_skipped(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "skipped src/sub/b.bin: binary" in result.stderr
     assert "1 source file(s), 1 skipped" in result.stdout
+
+
+# ------------------------------------------------------------------ 4. the TLS-only bucket policy
+
+def test_access_denied_over_plain_http_says_the_bucket_policy_wants_tls(aws, tmp_path: Path) -> None:
+    from mamba_training.aws.session import client
+
+    s3 = client("s3")
+    s3.create_bucket(Bucket="tls-only")
+    s3.put_bucket_policy(Bucket="tls-only", Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+        "Resource": ["arn:aws:s3:::tls-only", "arn:aws:s3:::tls-only/*"],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]}))  # as infrastructure/aws/s3.tf writes it
+    result = mamba("checkpoints", "list", "s3://tls-only/runs/dev", cwd=tmp_path)
+    assert result.returncode != 0
+    one_error_line(result.stderr, "access denied", "plain HTTP", "not made over TLS", "deploy.sh --endpoint")

@@ -90,6 +90,16 @@ def check_region(region: str | None = None, profile: str | None = None) -> str:
     return resolved
 
 
+def plain_http_hint(service: str = "s3") -> str:
+    """Why S3 may deny everything: the endpoint speaks plain HTTP and the stack's bucket policy
+    denies requests not made over TLS. Empty when the endpoint is AWS's own (HTTPS)."""
+    url = os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if not url.startswith("http://"):
+        return ""
+    return (f"; the endpoint {url} is plain HTTP, and the stack's bucket policy denies requests not made over TLS "
+            "(deploy to a local endpoint with `deploy.sh --endpoint URL`, which leaves that policy out)")
+
+
 def describe_error(error: Exception, action: str) -> AwsError:
     """A one-line AwsError for a boto/botocore exception raised while doing `action`."""
     from botocore.exceptions import (
@@ -114,7 +124,8 @@ def describe_error(error: Exception, action: str) -> AwsError:
         code = str(info.get("Code") or error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
         message = " ".join(str(info.get("Message") or "").split())
         if code in _DENIED:
-            return AwsError(f"{action}: access denied by AWS ({code}{': ' + message if message else ''})")
+            return AwsError(f"{action}: access denied by AWS ({code}{': ' + message if message else ''})"
+                            f"{plain_http_hint()}")
         if code in _BAD_CREDENTIALS:
             return AwsError(f"{action}: AWS rejected the credentials ({code})")
         return AwsError(f"{action}: AWS refused: {code}{': ' + message if message else ''}")
