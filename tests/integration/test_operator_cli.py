@@ -69,7 +69,7 @@ def test_each_logged_step_is_a_console_line_and_a_json_record_without_a_terminal
     steps = [line for line in console.splitlines() if " step " in line and "/20  loss " in line]
     assert [line.split(" step ")[1].split("/")[0] for line in steps] == ["5", "10", "15", "20"], console
     assert all(" tok/s  ETA " in line for line in steps)
-    (log,) = run.glob("records/*/train.log")
+    log = sorted(run.glob("records/*/train.log"))[0]  # the first segment: the run of the fixture
     records = [json.loads(line) for line in log.read_text().splitlines()]
     progress = [r for r in records if r.get("event") == "progress"]
     assert [r["step"] for r in progress] == [5, 10, 15, 20]
@@ -239,3 +239,64 @@ def test_access_denied_over_plain_http_says_the_bucket_policy_wants_tls(aws, tmp
     result = mamba("checkpoints", "list", "s3://tls-only/runs/dev", cwd=tmp_path)
     assert result.returncode != 0
     one_error_line(result.stderr, "access denied", "plain HTTP", "not made over TLS", "deploy.sh --endpoint")
+
+
+# ------------------------------------------------------------------ 3. a price file that prices nothing
+
+def test_a_budget_with_no_price_refuses_to_start_and_no_budget_warns(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.csv"
+    prices.write_text("instance_type,usd_per_hour\nlocal,notanumber\n")
+    env = {"MAMBA_TRAINING_PRICE_FILE": str(prices)}
+    refused = mamba(*train_args(tmp_path, str(tmp_path / "runs" / "b"), "train.max_cost_usd=1"), cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and refused.stderr.strip().endswith(errors[0]) and "Traceback" not in refused.stderr
+    assert "train.max_cost_usd" in errors[0] and str(prices) in errors[0] and "line 2" in errors[0]
+    assert not list((tmp_path / "runs" / "b").glob("checkpoints/*"))
+    ran = mamba(*train_args(tmp_path, str(tmp_path / "runs" / "c")), cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert "WARNING NO PRICE for local" in ran.stderr and "cost is NOT counted" in ran.stderr
+
+
+# ------------------------------------------------------------------ 6. config and events in words
+
+def test_the_config_is_one_console_line_and_yaml_on_the_run_log(trained) -> None:
+    tmp, run = trained
+    console = (tmp / "logs" / "training.log").read_text()
+    lines = [line for line in console.splitlines() if " config " in line]
+    assert len(lines) == 1 and "d_model 32 x 2 layers, 20 steps of 4x32 tokens" in lines[0], console
+    assert "{'model'" not in console and "'d_model'" not in console
+    log = sorted(run.glob("records/*/train.log"))[0]  # the first segment: the run of the fixture
+    messages = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    (full,) = [m for m in messages if m.startswith("config (hash ")]
+    assert "\nmodel:\n  d_model: 32\n  n_layer: 2\n" in full and "\ncheckpoint:\n  store: " in full
+
+
+def test_events_are_logged_in_words(trained) -> None:
+    tmp, _ = trained
+    console = (tmp / "logs" / "training.log").read_text()
+    assert "event: checkpoint step 10 committed" in console
+    assert "event: exit at step 20: completed (exit code 0, 0 steps lost)" in console
+    assert "{'checkpoint_step'" not in console and "{'reason'" not in console
+
+
+# ------------------------------------------------------------------ 5. a rehearsal's cost is an upper bound
+
+def test_a_rehearsal_prices_spot_at_on_demand_and_says_it_is_an_upper_bound(tmp_path: Path) -> None:
+    from mamba_training.spot.emulator import ImdsEmulator
+
+    emulator = ImdsEmulator("127.0.0.1", 0, token_required=True, instance_type="g5.xlarge", lifecycle="spot")
+    emulator.start()
+    try:
+        store = str(tmp_path / "runs" / "rehearsal")
+        args = [a if a != "spot.imds_url=off" else f"spot.imds_url={emulator.url}"
+                for a in train_args(tmp_path, store, "train.max_steps=10")]
+        done = mamba(*args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    finally:
+        emulator.stop()
+    assert "on-demand price as upper bound" in done.stderr
+    result = mamba("cost", "--run", store, "--no-cost-explorer", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stdout.split())
+    assert "spot time priced at the on-demand rate" in said and "an upper bound, so the saving shows 0 %" in said
