@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Deploy the training stack: ./deploy.sh [-e dev|prod] [-r REGION] [--yes] COMMAND
+# Deploy the training stack: ./deploy.sh [-e dev|prod] [-r REGION] [--endpoint URL] [--yes] COMMAND
 # One Terraform workspace per environment and region (<env>-<region>), so dev and prod, or two
 # regions, never share state. Variables: terraform.tfvars (if present), then environments/<env>.tfvars.
+# --endpoint URL deploys to a local AWS endpoint (a moto server, LocalStack) in its own workspace
+# (<env>-<region>-local): it writes local_endpoint_override.tf (git-ignored) and the AMI parameter.
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -12,7 +14,7 @@ COMMANDS=(deploy init plan apply outputs destroy validate fmt)
 
 usage() {
   cat <<USAGE
-usage: $0 [-e dev|prod] [-r REGION] [--yes] COMMAND [-- TERRAFORM_ARGS...]
+usage: $0 [-e dev|prod] [-r REGION] [--endpoint URL] [--yes] COMMAND [-- TERRAFORM_ARGS...]
 
 commands:
   deploy     init, validate, plan, then apply that plan (asks first unless --yes)
@@ -27,9 +29,14 @@ commands:
 options:
   -e, --env ENV        environment: ${ENVIRONMENTS[*]} (default dev)
   -r, --region REGION  AWS region (default: the tfvars' region, else us-west-2)
+  --endpoint URL       deploy to a local AWS endpoint (moto, LocalStack) instead of AWS
   -y, --yes            do not ask for confirmation
   -h, --help           show this help
   -- ARGS              passed on to terraform plan/apply/destroy (e.g. -- -no-color)
+
+environment:
+  MAMBA_TF_PROVIDER_MIRROR  a filesystem mirror holding registry.terraform.io/hashicorp/aws:
+                            install the provider from it (offline) instead of the registry
 USAGE
 }
 
@@ -53,6 +60,7 @@ contains() {
 
 ENVIRONMENT=dev
 REGION=""
+ENDPOINT=""
 YES=0
 COMMAND=""
 EXTRA=()
@@ -60,6 +68,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -e | --env) [ $# -ge 2 ] || die_usage "$1 needs a value"; ENVIRONMENT="$2"; shift 2 ;;
     -r | --region) [ $# -ge 2 ] || die_usage "$1 needs a value"; REGION="$2"; shift 2 ;;
+    --endpoint) [ $# -ge 2 ] || die_usage "$1 needs a value"; ENDPOINT="$2"; shift 2 ;;
     -y | --yes) YES=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -89,6 +98,69 @@ fi
 [[ "${REGION}" =~ ^[a-z]{2}(-[a-z]+)+-[0-9]$ ]] || die_usage "'${REGION}' is not an AWS region (like us-west-2)"
 WORKSPACE="${ENVIRONMENT}-${REGION}"
 VARS=(-var-file="${VAR_FILE}" -var "region=${REGION}" "${EXTRA[@]}")
+LOCAL_OVERRIDE="local_endpoint_override.tf"
+# Every service the stack talks to; a local endpoint answers them all on one URL.
+LOCAL_SERVICES=(autoscaling cloudwatch ec2 iam kms logs s3 sqs ssm sts)
+LOCAL_AMI_PARAMETER="/mamba-training/local/ami-id"
+
+# The provider from a filesystem mirror (no registry access), named only in a CLI config under .terraform/.
+use_provider_mirror() {
+  local mirror="${MAMBA_TF_PROVIDER_MIRROR:-}"
+  [ -n "${mirror}" ] || return 0
+  [ -d "${mirror}/registry.terraform.io/hashicorp/aws" ] ||
+    die "MAMBA_TF_PROVIDER_MIRROR=${mirror} has no registry.terraform.io/hashicorp/aws"
+  mkdir -p .terraform
+  cat >.terraform/provider-mirror.tfrc <<TFRC
+provider_installation {
+  filesystem_mirror {
+    path    = "${mirror}"
+    include = ["registry.terraform.io/*/*"]
+  }
+  direct {
+    exclude = ["registry.terraform.io/*/*"]
+  }
+}
+TFRC
+  export TF_CLI_CONFIG_FILE="${PWD}/.terraform/provider-mirror.tfrc"
+}
+
+# A local endpoint: the provider override, dummy credentials if none, its own workspace, an AMI
+# parameter the endpoint can answer (the stack reads the AMI from SSM), and no TLS-only bucket
+# policy (the endpoint speaks plain HTTP, and S3 would deny every request).
+use_local_endpoint() {
+  [[ "${ENDPOINT}" =~ ^https?://[^[:space:]]+$ ]] || die_usage "--endpoint '${ENDPOINT}' is not an http(s):// URL"
+  {
+    echo "# Written by deploy.sh --endpoint ${ENDPOINT}; removed by the next deploy.sh run without --endpoint."
+    echo 'provider "aws" {'
+    echo '  skip_credentials_validation = true'
+    echo '  skip_requesting_account_id  = true'
+    echo '  skip_metadata_api_check     = true'
+    echo '  s3_use_path_style           = true'
+    echo '  endpoints {'
+    local service
+    for service in "${LOCAL_SERVICES[@]}"; do printf '    %s = "%s"\n' "${service}" "${ENDPOINT}"; done
+    echo '  }'
+    echo '}'
+  } >"${LOCAL_OVERRIDE}"
+  export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}"
+  WORKSPACE="${WORKSPACE}-local"
+  VARS+=(-var "deny_insecure_transport=false")
+  if contains "${COMMAND}" deploy plan apply destroy; then
+    local python="${MAMBA_TRAINING_PYTHON:-}"
+    [ -n "${python}" ] || { [ -x ../../.venv/bin/python ] && python=../../.venv/bin/python; } || python=python3
+    AWS_ENDPOINT_URL="${ENDPOINT}" "${python}" -m mamba_training.cli.local_endpoint \
+      "${LOCAL_AMI_PARAMETER}" "${REGION}" >&2 || die "could not write the AMI parameter at ${ENDPOINT}"
+    VARS+=(-var "ami_ssm_parameter_name=${LOCAL_AMI_PARAMETER}")
+  fi
+}
+
+use_provider_mirror
+if [ -n "${ENDPOINT}" ]; then
+  use_local_endpoint
+elif [ -f "${LOCAL_OVERRIDE}" ]; then
+  rm -f "${LOCAL_OVERRIDE}"  # left by a local deploy: this run talks to AWS
+  echo "deploy.sh: removed ${LOCAL_OVERRIDE} (left by a --endpoint run)" >&2
+fi
 
 require_credentials() {
   if [ -n "${AWS_ACCESS_KEY_ID:-}" ] || [ -n "${AWS_PROFILE:-}" ] || [ -n "${AWS_WEB_IDENTITY_TOKEN_FILE:-}" ] ||
@@ -113,7 +185,7 @@ tf_init() {
   "${TERRAFORM}" workspace select -or-create "${WORKSPACE}"
 }
 
-echo "deploy.sh: ${COMMAND} environment=${ENVIRONMENT} region=${REGION} workspace=${WORKSPACE}" >&2
+echo "deploy.sh: ${COMMAND} environment=${ENVIRONMENT} region=${REGION} workspace=${WORKSPACE}${ENDPOINT:+ endpoint=${ENDPOINT}}" >&2
 case "${COMMAND}" in
   fmt) "${TERRAFORM}" fmt -recursive ;;
   validate)

@@ -84,7 +84,12 @@ resource "aws_s3_bucket_lifecycle_configuration" "checkpoints" {
   depends_on = [aws_s3_bucket_versioning.checkpoints]
 }
 
+# Requests made over plain HTTP are denied (S3 answers them "AccessDenied"). A local endpoint
+# served over HTTP (moto, LocalStack: `deploy.sh --endpoint URL`) sets deny_insecure_transport =
+# false, or nothing could reach the bucket there.
 data "aws_iam_policy_document" "bucket" {
+  count = var.deny_insecure_transport ? 1 : 0
+
   statement {
     sid     = "DenyInsecureTransport"
     effect  = "Deny"
@@ -108,8 +113,10 @@ data "aws_iam_policy_document" "bucket" {
 }
 
 resource "aws_s3_bucket_policy" "checkpoints" {
+  count = var.deny_insecure_transport ? 1 : 0
+
   bucket = aws_s3_bucket.checkpoints.id
-  policy = data.aws_iam_policy_document.bucket.json
+  policy = data.aws_iam_policy_document.bucket[0].json
 
   # S3 rejects a policy while the public access block is being written.
   depends_on = [aws_s3_bucket_public_access_block.checkpoints]

@@ -426,3 +426,10 @@ variable "metrics_namespace" {
     error_message = "The metrics_namespace must be a custom CloudWatch namespace (not AWS/...)."
   }
 }
+
+variable "deny_insecure_transport" {
+  description = "Deny checkpoint-bucket requests not made over TLS (aws:SecureTransport). Keep true on AWS; deploy.sh --endpoint sets false for a local endpoint served over plain HTTP."
+  type        = bool
+  default     = true
+  nullable    = false
+}

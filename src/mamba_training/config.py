@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,12 +115,50 @@ class SpotConfig(_Section):
         raise ValueError("must be 'auto', 'off' or an http(s):// URL")
 
 
+_REGION_PATTERN = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+
+
+@lru_cache(maxsize=1)
+def known_aws_regions() -> frozenset[str]:
+    """Every region botocore's endpoint data knows, in any partition (aws, aws-cn, aws-us-gov, ...).
+
+    Read from the data file, not through a botocore session: a session reads the AWS profile, and a
+    region check must not fail on a missing profile (that is reported by name where it is used).
+    """
+    import botocore.loaders
+
+    data = botocore.loaders.create_loader().load_data("endpoints")
+    regions: set[str] = set()
+    for partition in data.get("partitions", []):
+        regions.update(partition.get("regions", {}))
+        regions.update(partition.get("services", {}).get("ec2", {}).get("endpoints", {}))
+    return frozenset(r for r in regions if _REGION_PATTERN.match(r))
+
+
+def unknown_region_reason(region: str) -> str | None:
+    """None for a region AWS has, else why not. MAMBA_TRAINING_EXTRA_REGIONS (comma-separated)
+    admits regions newer than this botocore."""
+    extra = {r.strip() for r in os.environ.get("MAMBA_TRAINING_EXTRA_REGIONS", "").split(",") if r.strip()}
+    if region in known_aws_regions() | extra:
+        return None
+    hint = "" if _REGION_PATTERN.match(region) else " (regions look like us-east-1)"
+    return f"unknown AWS region {region!r}{hint}; a newer one can be admitted with MAMBA_TRAINING_EXTRA_REGIONS"
+
+
 class AwsConfig(_Section):
     region: str | None = None
     profile: str | None = None
     project: str = "mamba-training"
     environment: str = "dev"
     metrics_namespace: str = "MambaTraining"
+
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, value: str | None) -> str | None:
+        reason = None if value is None else unknown_region_reason(value)
+        if reason:
+            raise ValueError(reason)
+        return value
 
 
 class Config(_Section):
@@ -180,7 +221,8 @@ def _describe(error: ValidationError) -> str:
         return f"unknown config key {where}"
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"config key {where}: {first['msg']}{shown}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"config key {where}: {message}{shown}"
 
 
 def build_config(data: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

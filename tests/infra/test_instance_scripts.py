@@ -93,7 +93,11 @@ def host(tmp_path: Path, gpus: int, train_exit: int) -> tuple[Path, dict[str, st
     stub(bin_dir, "systemctl", 'echo "ActiveState=active"; echo "SubState=running"; echo "NRestarts=1"')
     logs = tmp_path / "logs"
     logs.mkdir()
-    (logs / "training.log").write_text('{"msg": "step", "step": 120}\n{"msg": "step", "step": 130, "loss": 2.1}\n')
+    # Lines as the trainer writes them when its output is not a terminal (logging_setup.log_progress);
+    # test_operator_cli.py checks the script against a real training's log.
+    (logs / "training.log").write_text("12:00:00 INFO    step 120/1000  loss 2.2000  1,234 tok/s  ETA 5m12s\n"
+                                       "12:00:05 INFO    event checkpoint: step 125 committed\n"
+                                       "12:00:09 INFO    step 130/1000  loss 2.1000  1,240 tok/s  ETA 5m02s\n")
     (app / "env").write_text(f"MAMBA_RUN_STORE=s3://bucket/runs/dev\nMAMBA_LOG_DIR={logs}\n")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MAMBA_APP_DIR": str(app),
            "MAMBA_CONFIG": str(app / "config.yaml")}

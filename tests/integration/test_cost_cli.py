@@ -139,10 +139,10 @@ def test_report_writes_a_png_and_prints_a_summary(capsys, run_dir, tmp_path):
     blob = png.read_bytes()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 20_000
     assert "segments (process lifetimes)" in out and "400" in out and "16,000,000" in out
-    assert f"${SPENT:.4f}" in out and "3 (0 steps lost)" in out and "3.9000" in out
+    assert f"${SPENT:.4f}" in out and "1 (0 steps lost)" in out and "3.9000" in out
     code, out, _ = cli(capsys, "report", str(run_dir), "--out", str(png), "--json")
     facts = json.loads(out)
-    assert facts["step"] == 400 and facts["interruptions"] == 3 and facts["last_exit"] == "done"
+    assert facts["step"] == 400 and facts["interruptions"] == 1 and facts["last_exit"] == "done"
     assert facts["usd_per_million_tokens"] == pytest.approx(SPENT / 16)
     assert facts["wall_hours"] == pytest.approx(4 + 5 / 60, abs=0.01)
 

@@ -32,8 +32,15 @@ else
 fi
 
 section "Current step"
-step=$(cat "${LOG_DIR}"/*.log 2>/dev/null | grep -o '"step": *[0-9]*' | tail -n 1 | grep -o '[0-9]*$')
-echo "${step:-unknown (no step logged in ${LOG_DIR} yet)}"
+# The trainer logs one line per logged step when its output is not a terminal (as here, under
+# systemd): "21:16:33 INFO    step 130/1000  loss 2.1003  1,234 tok/s  ETA 5m12s".
+last=$(cat "${LOG_DIR}"/*.log 2>/dev/null | grep -E '(^| )step [0-9]+/[0-9]+ ' | tail -n 1)
+if [ -n "${last}" ]; then
+  printf '%s\n' "${last}" | grep -oE 'step [0-9]+/' | head -n 1 | grep -oE '[0-9]+'
+  echo "last progress: ${last}"
+else
+  echo "unknown (no step logged in ${LOG_DIR} yet)"
+fi
 
 section "Last committed checkpoint (${STORE})"
 if [ -x "${VENV}/bin/mamba-training" ]; then

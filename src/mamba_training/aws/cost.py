@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mamba_training.aws.prices import PriceTable, latest_quotes, saving_percent, spot_history
-from mamba_training.aws.session import aws_errors, client
+from mamba_training.aws.session import ProfileNotFoundError, aws_errors, client
 from mamba_training.errors import AwsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,30 @@ def price_in_force(instance_type: str, availability_zone: str, lifecycle: str, r
         if on_demand is not None:
             return on_demand, on_demand, f"{on_demand_row.source}: on-demand price as upper bound (no spot price)"
     if on_demand is not None:
+        if lifecycle == "spot":  # off EC2 (a rehearsal) there is no spot price to ask for
+            return on_demand, on_demand, f"{on_demand_row.source}: on-demand price as upper bound (no spot price)"
         return on_demand, on_demand, on_demand_row.source
     raise UsageError(f"no price known for {instance_type} ({lifecycle}, {region or 'any region'}): "
                      "add a row to your price file (MAMBA_TRAINING_PRICE_FILE)")
+
+
+def ledger_price(instance_type: str, availability_zone: str, lifecycle: str, region: str | None,
+                 profile: str | None, query_aws: bool, budget_usd: float | None) -> tuple[float, float, str]:
+    """`price_in_force` for a training process's ledger, deciding what a missing price means.
+
+    With a budget (train.max_cost_usd) a run without a price could never stop for it: UsageError
+    (exit 2, before the first step). Without one the run goes on and its cost counts as $0, said
+    loudly: the ledger, `cost` and `report` would otherwise show $0 as if it were a price.
+    """
+    try:
+        return price_in_force(instance_type, availability_zone, lifecycle, region, profile, query_aws=query_aws)
+    except (UsageError, AwsError) as error:
+        reason = " ".join(str(error).split())
+        if budget_usd is not None:
+            raise UsageError(f"train.max_cost_usd is {budget_usd:g} but no price is known for {instance_type} "
+                             f"({reason}): fix the price file, or unset the budget") from None
+        log.warning("NO PRICE for %s (%s): this run's cost is NOT counted (it shows as $0)", instance_type, reason)
+        return 0.0, 0.0, f"unknown ({reason})"
 
 
 def _spot_quote(instance_type: str, availability_zone: str, region: str | None, profile: str | None):
@@ -244,6 +265,13 @@ def ledger_totals(ledgers: list[dict[str, Any]], since: dt.datetime | None = Non
             "pools": sorted(pools.values(), key=lambda p: -p["cost_usd"])}
 
 
+def _spot_at_on_demand(ledgers: list[dict[str, Any]]) -> bool:
+    """Any spot time priced at the on-demand rate: the cost is an upper bound, not what AWS charges."""
+    return any(e.get("lifecycle") == "spot" and float(e.get("seconds", 0)) > 0
+               and float(e.get("usd_per_hour", 0)) >= float(e.get("on_demand_usd_per_hour", 0)) > 0
+               for ledger in ledgers for e in ledger.get("entries", []))
+
+
 def per_million_tokens(cost: float, tokens: int | None) -> float | None:
     return cost / (tokens / 1e6) if tokens else None
 
@@ -294,6 +322,8 @@ def cost_report(ledgers: list[dict[str, Any]], project: str, since: dt.datetime 
         try:
             ce_total = cost_explorer_total(project, start, profile=profile)
             ce_note = f"Cost Explorer has no cost tagged Project={project} since {start}"
+        except ProfileNotFoundError:
+            raise  # the user named a profile that does not exist: not a reason to fall back quietly
         except AwsError as error:
             ce_note = f"Cost Explorer unavailable ({error})"
     if ce_total is not None:
@@ -303,6 +333,9 @@ def cost_report(ledgers: list[dict[str, Any]], project: str, since: dt.datetime 
     if not ledgers:
         raise UsageError(f"no cost data: {ce_note}; pass --run STORE_URL to use the run's cost ledgers")
     note = f"run ledgers ({totals['segments']} of {len(ledgers)} segments); {ce_note}"
+    if _spot_at_on_demand(ledgers):
+        note += ("; spot time priced at the on-demand rate (no spot price was known, as in a local rehearsal): "
+                 "an upper bound, so the saving shows 0 %")
     return CostReport("ledger", note, totals["cost_usd"], od, tokens,
                       per_million_tokens(totals["cost_usd"], tokens),
                       saving_percent(totals["cost_usd"], od), hours, totals["pools"], totals["segments"])

@@ -160,7 +160,8 @@ def scale(target: Target, desired: int) -> tuple[int, int]:
     if not low <= desired <= high:
         raise UsageError(
             f"cannot scale {target.asg_name} to {desired}: allowed {low}..{high} "
-            "(change min_size/max_size in terraform.tfvars and redeploy)"
+            f"(change min_instances/max_instances in infrastructure/aws/environments/{target.environment}.tfvars "
+            f"and run ./deploy.sh deploy --env {target.environment})"
         )
     with aws_errors(f"setting desired capacity of {target.asg_name}"):
         autoscaling.set_desired_capacity(AutoScalingGroupName=target.asg_name, DesiredCapacity=desired,

@@ -26,6 +26,17 @@ DEFAULT_INSTANCE_TYPES = ["g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarg
                           "g6e.xlarge"]
 STALE_AFTER = dt.timedelta(days=365)  # older "current" spot prices are placeholders, not prices
 LIFECYCLES = {"on-demand", "spot", "*"}
+US_EAST_1_FALLBACK = "us-east-1 price"  # the mark on an on-demand row borrowed from us-east-1
+# family (letters, generation digit, attributes) "." size: g5.xlarge, p4de.24xlarge, u-6tb1.metal
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\d[a-z0-9-]*\.[a-z0-9-]+$")
+
+
+def check_instance_types(instance_types: list[str]) -> list[str]:
+    """The types as given, or UsageError naming the first that cannot be an EC2 instance type."""
+    for name in instance_types:
+        if not _INSTANCE_TYPE.match(name):
+            raise UsageError(f"instance type {name!r} is not an EC2 instance type (they look like g5.xlarge)")
+    return instance_types
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ class PriceTable:
             fallback = self._match(self.bundled, instance_type, "us-east-1", "on-demand")
             if fallback is not None:
                 row = PriceRow(fallback.instance_type, fallback.region, "on-demand", fallback.usd_per_hour,
-                               f"{fallback.source}, us-east-1 price")
+                               f"{fallback.source}, {US_EAST_1_FALLBACK}")
         return row
 
     def instance_types(self) -> list[str]:
@@ -209,6 +220,7 @@ def quote_table(quotes: list[SpotQuote], table: PriceTable, region: str | None,
             "spot_time": quote.timestamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "stale": quote.stale(now),
             "on_demand_usd_per_hour": od,
+            "on_demand_source": on_demand.source if on_demand else None,
             "saving_percent": saving_percent(quote.usd_per_hour, od),
         })
     return rows

@@ -7,11 +7,11 @@ any S3-compatible endpoint is reached exactly as AWS would be.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator
 
+from mamba_training.config import known_aws_regions, unknown_region_reason
 from mamba_training.errors import AwsError, EXIT_USAGE
 
 DEFAULT_REGION = "us-east-1"
@@ -21,7 +21,6 @@ _DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "Un
            "AuthorizationError", "Forbidden", "403"}
 _BAD_CREDENTIALS = {"InvalidClientTokenId", "AuthFailure", "UnrecognizedClientException",
                     "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId"}
-_REGION_PATTERN = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 
 
 class AwsSetupError(AwsError):
@@ -30,15 +29,32 @@ class AwsSetupError(AwsError):
     exit_code = EXIT_USAGE
 
 
-@lru_cache(maxsize=16)
+class ProfileNotFoundError(AwsSetupError):
+    """The AWS profile asked for (--profile or AWS_PROFILE) is not in the AWS config."""
+
+
+def profile_name(profile: str | None = None) -> str | None:
+    """The profile to use: explicit, else AWS_PROFILE, else none (the default credential chain)."""
+    return profile or os.environ.get("AWS_PROFILE") or None
+
+
 def _session(profile: str | None, region: str | None):
+    # The name is resolved here, not left to botocore: botocore reads AWS_PROFILE lazily and its
+    # ProfileNotFound would surface deep inside the first call, without the name.
+    return _cached_session(profile_name(profile), region)
+
+
+@lru_cache(maxsize=16)
+def _cached_session(profile: str | None, region: str | None):
     import boto3
     from botocore.exceptions import ProfileNotFound
 
     try:
         return boto3.session.Session(profile_name=profile, region_name=region)
     except ProfileNotFound:
-        raise AwsSetupError(f"AWS profile {profile!r} not found in your AWS config") from None
+        source = "" if profile is None or profile != os.environ.get("AWS_PROFILE") else " (AWS_PROFILE)"
+        raise ProfileNotFoundError(f"AWS profile {profile!r}{source} not found in your AWS config "
+                            f"({os.environ.get('AWS_CONFIG_FILE') or '~/.aws/config'})") from None
 
 
 def resolve_region(region: str | None = None, profile: str | None = None) -> str:
@@ -56,34 +72,32 @@ def client(service: str, region: str | None = None, profile: str | None = None, 
     from botocore.config import Config
 
     settings = {"retries": {"mode": "standard", "max_attempts": 5}, **config}
-    session = _session(profile or os.environ.get("AWS_PROFILE") or None, None)
+    session = _session(profile, None)
     return session.client(service, region_name=resolve_region(region, profile), config=Config(**settings))
 
 
-@lru_cache(maxsize=1)
-def known_regions() -> frozenset[str]:
-    """Every region botocore knows in any partition (aws, aws-cn, aws-us-gov, ...)."""
-    import botocore.session
-
-    session = botocore.session.get_session()
-    regions: set[str] = set()
-    for partition in session.get_available_partitions():
-        regions.update(session.get_available_regions("ec2", partition_name=partition))
-    return frozenset(regions)
-
-
 def check_region(region: str | None = None, profile: str | None = None) -> str:
-    """The resolved region, or AwsSetupError when it is not a region AWS has.
+    """The resolved region, or AwsSetupError when it is not a region AWS has (or the profile is missing).
 
     Not done in `client()`: S3-compatible stores use made-up region names legitimately.
     MAMBA_TRAINING_EXTRA_REGIONS (comma-separated) admits regions newer than this botocore.
     """
+    _session(profile, None)  # a missing profile is named now, before anything else goes wrong
     resolved = resolve_region(region, profile)
-    extra = {r.strip() for r in os.environ.get("MAMBA_TRAINING_EXTRA_REGIONS", "").split(",") if r.strip()}
-    if resolved in known_regions() | extra:
-        return resolved
-    hint = "" if _REGION_PATTERN.match(resolved) else " (regions look like us-east-1)"
-    raise AwsSetupError(f"unknown AWS region {resolved!r}{hint}")
+    reason = unknown_region_reason(resolved)
+    if reason:
+        raise AwsSetupError(reason)
+    return resolved
+
+
+def plain_http_hint(service: str = "s3") -> str:
+    """Why S3 may deny everything: the endpoint speaks plain HTTP and the stack's bucket policy
+    denies requests not made over TLS. Empty when the endpoint is AWS's own (HTTPS)."""
+    url = os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    if not url.startswith("http://"):
+        return ""
+    return (f"; the endpoint {url} is plain HTTP, and the stack's bucket policy denies requests not made over TLS "
+            "(deploy to a local endpoint with `deploy.sh --endpoint URL`, which leaves that policy out)")
 
 
 def describe_error(error: Exception, action: str) -> AwsError:
@@ -110,7 +124,8 @@ def describe_error(error: Exception, action: str) -> AwsError:
         code = str(info.get("Code") or error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
         message = " ".join(str(info.get("Message") or "").split())
         if code in _DENIED:
-            return AwsError(f"{action}: access denied by AWS ({code}{': ' + message if message else ''})")
+            return AwsError(f"{action}: access denied by AWS ({code}{': ' + message if message else ''})"
+                            f"{plain_http_hint()}")
         if code in _BAD_CREDENTIALS:
             return AwsError(f"{action}: AWS rejected the credentials ({code})")
         return AwsError(f"{action}: AWS refused: {code}{': ' + message if message else ''}")

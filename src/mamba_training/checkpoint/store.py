@@ -339,7 +339,9 @@ class S3Store(Store):
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return NotFound(f"{where} does not exist")
         if code in ("AccessDenied", "403", "Forbidden") or status == 403:
-            return StoreError(f"access denied to {where}")
+            from mamba_training.aws.session import plain_http_hint
+
+            return StoreError(f"access denied to {where}{plain_http_hint()}")
         text = " ".join(str(error).split())
         return StoreError(f"S3 error on {where}: {text or code or type(error).__name__}")
 

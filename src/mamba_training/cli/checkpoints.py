@@ -106,10 +106,12 @@ def list_command(store_url: str = STORE, as_json: bool = JSON) -> None:
     store = _open(store_url)
     rows = [_summary_row(s) for s in list_checkpoints(store)]
     pointer = read_latest(store)
-    if as_json:
+    if as_json and (rows or not _nothing_there(store)):
         typer.echo(json.dumps({"store": store.url, "latest_json": pointer, "checkpoints": rows}, indent=1))
         return
     if not rows:
+        if _nothing_there(store):  # most often a typo in the run's name
+            raise UsageError(f"{store.url} does not exist (nothing is stored there): check the run's name")
         typer.echo(f"no checkpoints in {store.url}")
         return
     console = _console()
@@ -126,6 +128,14 @@ def list_command(store_url: str = STORE, as_json: bool = JSON) -> None:
     console.print(table)
     if pointer is None:
         console.print("latest.json is missing or unreadable: readers use the newest verified checkpoint")
+
+
+def _nothing_there(store: Any) -> bool:
+    """No folder (local store), or no object under the prefix (S3): the store does not exist."""
+    root = store.local_path("")
+    if root is not None:
+        return not Path(root).is_dir()
+    return not store.list()
 
 
 def _opt(value: Any) -> str:
@@ -197,12 +207,13 @@ def verify(store_url: str = STORE,
                 manifest, _ = verify_checkpoint(store, s, cache_dir or scratch, progress)
                 typer.echo(f"ok      step {s}: {len(manifest['files'])} files match the manifest")
             except CheckpointError as error:
-                failures.append(error)
+                if len(steps) == 1:
+                    raise  # its one line is the error itself
+                failures.append(s)
                 typer.echo(f"FAILED  step {s}: {error}")
-    if len(failures) == 1 and len(steps) == 1:
-        raise failures[0]
     if failures:
-        raise CheckpointError(f"{len(failures)} of {len(steps)} checkpoints failed verification: {failures[0]}")
+        raise CheckpointError(f"{len(failures)} of {len(steps)} checkpoints failed verification "
+                              f"(steps {', '.join(map(str, failures))}; each is named above)")
 
 
 @app.command("download")

@@ -31,7 +31,8 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 def register(app: typer.Typer) -> None:
     """Add the fleet commands to the top-level app."""
     app.command("status")(status)
-    app.command("scale")(scale)
+    # "-1" reaches the argument (and a one-line error) instead of click's "No such option: -1".
+    app.command("scale", context_settings={"ignore_unknown_options": True})(scale)
     app.command("stop")(stop)
     app.command("logs")(logs)
     app.command("prices")(prices)
@@ -108,7 +109,10 @@ def scale(
 ) -> None:
     """Set the number of training instances."""
     from mamba_training.aws import fleet
+    from mamba_training.errors import UsageError
 
+    if desired < 0:
+        raise UsageError(f"desired capacity {desired}: must be 0 or more (0 stops training, keeps the group)")
     where = target(project, env, region, profile)
     before, after = fleet.scale(where, desired)
     if as_json:
@@ -170,8 +174,13 @@ def logs(
             typer.echo(_log_line(event))
 
     if not follow:
-        for event in fleet_logs.fetch(where, start, pattern, limit=limit or None):
+        events = fleet_logs.fetch(where, start, pattern, limit=limit or None)
+        for event in events:
             show(event)
+        if not events and not as_json:  # an empty screen would read as "broken"; say what was asked
+            matching = f" matching {pattern!r}" if pattern else ""
+            typer.echo(f"no log events{matching} in {where.log_group} since {start:%Y-%m-%d %H:%M:%SZ} "
+                       "(try --since 1d)", err=True)
         return
     try:
         for event in fleet_logs.follow(where, start, pattern, poll_seconds, follow_for):
@@ -187,18 +196,24 @@ def prices(
     region: Optional[str] = RegionOpt, profile: Optional[str] = ProfileOpt, as_json: bool = JsonOpt,
 ) -> None:
     """Current spot prices per AZ beside the on-demand price and the saving."""
-    from mamba_training.aws.prices import DEFAULT_INSTANCE_TYPES, PriceTable, latest_quotes, quote_table, spot_history
+    from mamba_training.aws.prices import (DEFAULT_INSTANCE_TYPES, US_EAST_1_FALLBACK, PriceTable,
+                                           check_instance_types, latest_quotes, quote_table, spot_history)
     from mamba_training.aws.session import check_region
 
+    types = check_instance_types(split_list(instance_types)) or DEFAULT_INSTANCE_TYPES
     resolved = check_region(region, profile)
-    types = split_list(instance_types) or DEFAULT_INSTANCE_TYPES
     table = PriceTable.load()
     rows = quote_table(latest_quotes(spot_history(types, resolved, profile)), table, resolved)
     missing = sorted(set(types) - {r["instance_type"] for r in rows})
+    borrowed = sorted({r["instance_type"] for r in rows if US_EAST_1_FALLBACK in (r["on_demand_source"] or "")})
     if as_json:
-        print_json({"region": resolved, "prices": rows, "no_spot_offer": missing})
+        print_json({"region": resolved, "prices": rows, "no_spot_offer": missing,
+                    "on_demand_from_us_east_1": borrowed})
         return
     out = console()
+    if not rows:
+        out.print(f"no spot offer in {resolved} for: {', '.join(missing)}")
+        return
     grid = Table("type", "AZ", "spot $/h", "as of", "on-demand $/h", "saving", title=f"spot prices in {resolved}")
     for r in rows:
         saving = "-" if r["saving_percent"] is None else f"{r['saving_percent']:.0f}%"
@@ -207,6 +222,9 @@ def prices(
     out.print(grid)
     if missing:
         out.print(f"no spot offer in {resolved} for: {', '.join(missing)}")
+    if borrowed:
+        out.print(f"on-demand: no {resolved} row in the price table for {', '.join(borrowed)}; "
+                  "the us-east-1 price is shown (add rows to your price file for exact ones)")
     if any(r["stale"] for r in rows):
         out.print("stale: the newest price is over a year old (a placeholder, not a price)")
 

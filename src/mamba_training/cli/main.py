@@ -52,9 +52,52 @@ app.add_typer(checkpoints.app, name="checkpoints")
 app.add_typer(spot.app, name="spot")
 
 
+def _plain_help(command, top: bool = True):
+    """Help without type tags: flags show no `<bool>`, options and arguments their NAME.
+
+    typer prints `--version <bool>`, `--set <list[str]>` and `{desired}`, which make flags look like
+    they take values. Done once over the whole tree, so every command (present and future) reads alike.
+    A sub-group's only option is --help: it is not listed, so its help has no near-empty Options box.
+    """
+    for param in command.params:
+        _plain_param(param)
+    make_help = command.get_help_option
+
+    def help_option(ctx):
+        option = make_help(ctx)
+        if option is not None:
+            _plain_param(option)
+            option.hidden = not top and hasattr(command, "commands") and not any(
+                _is_option(p) and not p.hidden for p in command.params)
+        return option
+
+    command.get_help_option = help_option  # type: ignore[method-assign]
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub, top=False)
+    return command
+
+
+def _is_option(param: object) -> bool:
+    return hasattr(param, "is_flag")  # typer's options (it vendors its own click classes) and click's
+
+
+def _plain_param(param) -> None:
+    if _is_option(param):
+        if param.is_flag or param.count:
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+        return
+    name = (param.metavar or param.name or "arg").strip("{}").upper()
+    param.metavar = name
+    param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
+    param._usage_display_name = (  # type: ignore[attr-defined]
+        lambda: (name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    command = typer.main.get_command(app)
+    command = _plain_help(typer.main.get_command(app))
     try:
         code = command.main(args=argv, prog_name="mamba-training", standalone_mode=False)
     except (click.exceptions.Abort, typer.Abort):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -31,17 +32,21 @@ def prepare(
     *sources, out = paths
     from mamba_training.data import prepare_corpus  # torch and numpy only when the command runs
 
+    skipped = _SkippedFiles()  # the sources module logs each file of a folder it does not read
+
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]prepare"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
         console=console, disable=as_json or not console.is_terminal,
     )
-    with progress:
+    with progress, skipped:
         task = progress.add_task("prepare", total=None)
         info = prepare_corpus(
             sources, out, tokenizer_spec=tokenizer, val_fraction=val_fraction, dtype=dtype,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
+    for line in skipped.lines:
+        console.print(line, markup=False, highlight=False)
     if as_json:
         typer.echo(json.dumps(info.to_json(), indent=2))
         return
@@ -53,4 +58,29 @@ def prepare(
                       f"{sum(s.bytes for s in split.shards):,}", f"{split.unigram_entropy_nats:.3f}")
     out_console = Console()
     out_console.print(table)
-    out_console.print(f"{len(info.sources)} source file(s); wrote {out / 'meta.json'}")
+    dropped = f", {len(skipped.lines)} skipped (named above)" if skipped.lines else ""
+    out_console.print(f"{len(info.sources)} source file(s){dropped}; wrote {out / 'meta.json'}")
+
+
+class _SkippedFiles(logging.Handler):
+    """Collects the "skipping PATH: why" records of data.sources while a corpus is prepared."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("mamba_training.data.sources")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("skipping "):
+            self.lines.append(f"skipped {message.removeprefix('skipping ')}")
+
+    def __enter__(self) -> "_SkippedFiles":
+        self._level = self._logger.level
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)

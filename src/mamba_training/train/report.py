@@ -63,6 +63,45 @@ def interruptions(records: RunRecords) -> list[dict[str, Any]]:
     return rows
 
 
+def describe_event(kind: str, step: int, fields: dict[str, Any]) -> str:
+    """A run event (as events.jsonl records it) in words, for the log."""
+    f = fields
+    if kind == "checkpoint":
+        return f"checkpoint step {f.get('checkpoint_step')} committed (noted at step {step}, {f.get('seconds')}s)"
+    if kind in ("start", "resume"):
+        ready = f", ready {f['startup_s']}s after the process started" if "startup_s" in f else ""
+        what = "training starts" if kind == "start" else "resumed"
+        return f"{what} at step {step} (world size {f.get('world_size')}, {f.get('device')}{ready})"
+    if kind == "exit":
+        committed = f", checkpoint step {f['committed_step']} durable" if f.get("committed_step") is not None else ""
+        return (f"exit at step {step}: {f.get('reason')} (exit code {f.get('exit_code')}{committed}, "
+                f"{f.get('lost_steps', 0)} steps lost)")
+    if kind == "interruption":
+        return f"spot interruption notice at step {step}: {f.get('action')} at {f.get('notice_time')}"
+    if kind == "rebalance":
+        return f"rebalance recommendation at step {step} (notice {f.get('notice_time')})"
+    if kind == "lifecycle":
+        return f"auto scaling lifecycle state {f.get('state')} at step {step}"
+    if kind == "early_checkpoint":
+        return f"early checkpoint at step {step} ({f.get('reason')})"
+    if kind == "budget":
+        return f"cost ${f.get('cost_usd')} is over train.max_cost_usd ${f.get('limit_usd')} at step {step}"
+    details = ", ".join(f"{k} {v}" for k, v in f.items())
+    return f"{kind.replace('_', ' ')} at step {step}" + (f": {details}" if details else "")
+
+
+def interrupted_segments(records: RunRecords) -> set[str]:
+    """Segments (process lifetimes) that an interruption ended or was ending: one each, however many
+    records it left (the notice, then the preempted exit). Rebalance recommendations do not count."""
+    found = set()
+    for event in records.events:
+        kind = event.get("kind")
+        if kind in ("interruption", "signal", "lifecycle") or \
+                (kind == "exit" and event.get("exit_code") == PREEMPTED_EXIT):
+            found.add(str(event.get("segment")))
+    return found
+
+
 def segment_host(segment: str) -> str:
     """`20261128T100000Z-ip-10-0-1-5-4242` -> `ip-10-0-1-5` (segment ids are <time>-<host>-<pid>)."""
     parts = segment.split("-")
@@ -112,7 +151,7 @@ def summary(records: RunRecords) -> dict[str, Any]:
         "best_val_loss": min(val) if val else None,
         "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
         "wall_hours": (max(times) - min(times)).total_seconds() / 3600 if len(times) > 1 else 0.0,
-        "interruptions": len(interruptions(records)),
+        "interruptions": len(interrupted_segments(records)),
         "lost_steps": sum(int(e.get("lost_steps") or 0) for e in exits),
         "last_exit": exits[-1].get("reason") if exits else None,
         "cost_usd": cost,

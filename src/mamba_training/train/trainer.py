@@ -39,6 +39,7 @@ from mamba_training.train.metrics import CloudWatchSink, Sinks, TensorBoardSink
 from mamba_training.train.optim import build_optimizer, build_scheduler
 from mamba_training.train.precision import autocast_for
 from mamba_training.train.records import LEDGER, LOG, RecordWriter, new_segment_id, read_run
+from mamba_training.train.report import describe_event
 from mamba_training.train.state import TrainState, seed_rng
 from mamba_training.train.stopping import BUDGET, PREEMPT, Decision, StopPath, save_fits
 
@@ -200,7 +201,7 @@ class Trainer:
     def _record_event(self, kind: str, **fields: Any) -> None:
         if self.records is not None:
             self.records.event(kind, step=self.state.step, **fields)
-        log.info("event %s at step %d %s", kind, self.state.step, fields or "")
+        log.info("event: %s", describe_event(kind, self.state.step, fields))
 
     def _upload_records(self) -> None:
         if self.records is None:
@@ -323,19 +324,16 @@ class Trainer:
         return self.config.checkpoint.store.rstrip("/").rsplit("/", 1)[-1]
 
     def _open_ledger(self):
-        from mamba_training.aws.cost import Ledger, price_in_force
+        from mamba_training.aws.cost import Ledger, ledger_price
 
         info = self.watcher.instance_info() if self.watcher is not None else {}
         itype = info.get("instance_type") or "local"
         az = info.get("availability_zone") or "local"
         lifecycle = info.get("lifecycle") or ("local" if itype == "local" else "on-demand")
         region = self.config.aws.region or (az[:-1] if az != "local" else None)
-        try:  # off EC2 (an emulator rehearsal) the tables price the run: no AWS call, no credentials
-            price, on_demand, source = price_in_force(itype, az, lifecycle, region, self.config.aws.profile,
-                                                      query_aws=self._on_ec2)
-        except Exception as error:
-            log.warning("no price for %s (%s): cost counts as 0", itype, error)
-            price, on_demand, source = 0.0, 0.0, "unknown"
+        # Off EC2 (an emulator rehearsal) the tables price the run: no AWS call, no credentials.
+        price, on_demand, source = ledger_price(itype, az, lifecycle, region, self.config.aws.profile,
+                                                self._on_ec2, self.config.train.max_cost_usd)
         log.info("cost ledger: %s %s %s at $%.4f/h (%s)", itype, az, lifecycle, price, source)
         # Earlier segments' cost is first needed at the first metrics line: read it meanwhile.
         self._prior_cost_reader = threading.Thread(target=self._read_prior_cost, name="prior-cost", daemon=True)
@@ -360,6 +358,16 @@ class Trainer:
         if reader is not None:
             reader.join()
         return getattr(self, "_prior_cost_value", 0.0)
+
+    def _log_config(self) -> None:
+        """The resolved config: all of it as YAML on the run's log, one line of it on the console."""
+        cfg = self.config
+        log.info("config (hash %s):\n%s", cfg.hash(), yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+                 extra={"console": False})
+        m, t = cfg.model, cfg.train
+        log.info("config %s: d_model %s x %s layers, %s steps of %sx%s tokens, lr %g, store %s (all of it in %s)",
+                 cfg.hash(), m.d_model, m.n_layer, t.max_steps, t.batch_size, t.seq_len, t.lr,
+                 cfg.checkpoint.store, self.run_dir / "config.yaml", extra={"fields": {"config_hash": cfg.hash()}})
 
     def _write_config(self) -> None:
         path = self.run_dir / "config.yaml"
@@ -387,7 +395,7 @@ class Trainer:
         if ready_after is not None:
             log.info("training from step %d, %.1fs after the process started", self.state.step, ready_after)
         startup.resume_gc()
-        log.info("config %s", cfg.to_dict())
+        self._log_config()
         start_step = self._saved_step = self.state.step  # a restored step is saved; step 0 needs none
         started = time.monotonic()
         window_start, window_tokens = started, 0
