@@ -213,6 +213,18 @@ def test_bad_input_is_one_line_naming_the_culprit_and_exit_2(tmp_path: Path, ext
     assert_one_error_line(proc.stderr, culprit)
 
 
+@pytest.mark.parametrize(("env", "culprit"), [
+    ({"MAMBA_TRAINING_HOLD_AT": "ten", "MAMBA_TRAINING_CONTROL_DIR": "ctl"}, "MAMBA_TRAINING_HOLD_AT"),
+    ({"MAMBA_TRAINING_HOLD_AT": "4"}, "MAMBA_TRAINING_CONTROL_DIR"),
+    ({"MAMBA_TRAINING_FAKE_SECONDS_PER_STEP": "-1"}, "MAMBA_TRAINING_FAKE_SECONDS_PER_STEP"),
+], ids=["hold-not-a-step", "hold-without-dir", "negative-fake-seconds"])
+def test_a_bad_control_variable_is_one_line_naming_it_and_exit_2(tmp_path: Path, env, culprit) -> None:
+    proc = run_cli(train_args(tmp_path, "run"), tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc.stderr, culprit)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_init_from_a_model_of_another_shape_is_refused(tmp_path: Path) -> None:
     run_cli(train_args(tmp_path, "base", "train.max_steps=2"), tmp_path, check=True)
     proc = run_cli([*train_args(tmp_path, "other", "model.d_model=48"), "--init-from",
