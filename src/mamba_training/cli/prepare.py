@@ -50,7 +50,8 @@ def prepare(
     if as_json:
         typer.echo(json.dumps(info.to_json(), indent=2))
         return
-    table = Table(title=f"{out} ({info.tokenizer}, vocab {info.vocab_size:,}, {info.dtype})")
+    # The folder goes on a line of its own: a long path in the title would squeeze the numbers.
+    table = Table(title=f"{info.tokenizer}, vocab {info.vocab_size:,}, {info.dtype}")
     for column in ("split", "shards", "tokens", "bytes", "unigram entropy (nats/token)"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for name, split in info.splits.items():
@@ -59,7 +60,7 @@ def prepare(
     out_console = Console()
     out_console.print(table)
     dropped = f", {len(skipped.lines)} skipped (named above)" if skipped.lines else ""
-    out_console.print(f"{len(info.sources)} source file(s){dropped}; wrote {out / 'meta.json'}")
+    out_console.print(f"{len(info.sources)} source file(s){dropped}; wrote {out / 'meta.json'}", soft_wrap=True)
 
 
 class _SkippedFiles(logging.Handler):
