@@ -80,6 +80,10 @@ BAD_INPUTS = {
     "p3_needs_own_ami": ["instance_types", "p3", "ami_id"],
     "noncurrent_days_zero": ["noncurrent_version_expiration_days", "whole number of days"],
     "noncurrent_days_fraction": ["noncurrent_version_expiration_days", "whole number of days"],
+    "schedule_with_bad_cron": ["schedules", "five-field cron"],
+    "schedule_that_sets_nothing": ["schedules", "at least one of min_size"],
+    "hook_heartbeat_out_of_range": ["termination_hook_heartbeat_seconds", "30 and 7200"],
+    "bad_jobs_prefix": ["jobs_prefix", "one path segment"],
 }
 
 
