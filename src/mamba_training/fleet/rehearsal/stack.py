@@ -1,0 +1,162 @@
+"""The Terraform stack users deploy, applied to the rehearsal's moto server.
+
+The stack (infrastructure/aws) is copied into the rehearsal's folder and pointed at moto by a
+`*_override.tf` written only in that copy; the AWS provider comes from a local filesystem mirror
+when one is found (MAMBA_TF_PROVIDER_MIRROR or the usual plugin roots), else from the registry.
+Terraform runs as a child process of the rehearsal (its own process group), so Ctrl-C ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mamba_training.errors import UsageError
+from mamba_training.fleet.rehearsal.procs import Processes, RehearsalError
+
+ENVIRONMENT = "rehearsal"
+PROJECT = "mamba-training"
+MIRROR_ROOTS = (
+    Path("/opt/tf-plugins"),
+    Path.home() / ".terraform.d" / "plugins",
+    Path.home() / ".local" / "share" / "terraform" / "plugins",
+    Path("/usr/local/share/terraform/plugins"),
+    Path("/usr/share/terraform/plugins"),
+)
+# Every service the stack talks to; the moto server answers them all on one URL.
+SERVICES = ("autoscaling", "cloudwatch", "ec2", "iam", "kms", "logs", "s3", "sqs", "ssm", "sts")
+COPY_IGNORE = shutil.ignore_patterns(".terraform", "terraform.tfstate*", "*.tfplan", "terraform.tfvars",
+                                     "*_override.tf", "__pycache__", ".terraform.lock.hcl", "tests", "checkov")
+# moto never answers some provider waiters at once (SQS attributes ~25 s, S3 lifecycle ~55 s).
+APPLY_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What the rehearsal needs from `terraform output`."""
+
+    bucket: str
+    asg_name: str
+    queue_url: str
+    region: str
+    raw: dict
+
+    @property
+    def jobs_store(self) -> str:
+        return f"s3://{self.bucket}/jobs"
+
+
+def default_stack_dir() -> Path:
+    """MAMBA_TRAINING_STACK, else infrastructure/aws of the checkout this package runs from."""
+    configured = os.environ.get("MAMBA_TRAINING_STACK")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(__file__).resolve().parents[4] / "infrastructure" / "aws"
+
+
+def find_terraform() -> str:
+    found = shutil.which("terraform")
+    if not found:
+        raise RehearsalError("terraform not found on PATH: install Terraform >= 1.7 "
+                             "(https://developer.hashicorp.com/terraform/install)")
+    return found
+
+
+def provider_mirror() -> Path | None:
+    configured = os.environ.get("MAMBA_TF_PROVIDER_MIRROR")
+    roots = [Path(configured).expanduser()] if configured else list(MIRROR_ROOTS)
+    for root in roots:
+        if (root / "registry.terraform.io" / "hashicorp" / "aws").is_dir():
+            return root
+    if configured:
+        raise UsageError(f"MAMBA_TF_PROVIDER_MIRROR={configured} has no registry.terraform.io/hashicorp/aws")
+    return None
+
+
+def cli_config(directory: Path) -> Path:
+    mirror = provider_mirror()
+    path = directory / "terraform.tfrc"
+    path.write_text("" if mirror is None else (
+        "provider_installation {\n"
+        f'  filesystem_mirror {{\n    path    = "{mirror}"\n    include = ["registry.terraform.io/*/*"]\n  }}\n'
+        '  direct {\n    exclude = ["registry.terraform.io/*/*"]\n  }\n'
+        "}\n"))
+    return path
+
+
+def override(url: str) -> str:
+    endpoints = "\n".join(f'    {service} = "{url}"' for service in SERVICES)
+    return ('provider "aws" {\n'
+            '  access_key                  = "testing"\n'
+            '  secret_key                  = "testing"\n'
+            "  skip_credentials_validation = true\n"
+            "  skip_requesting_account_id  = true\n"
+            "  skip_metadata_api_check     = true\n"
+            "  s3_use_path_style           = true\n\n"
+            f"  endpoints {{\n{endpoints}\n  }}\n"
+            "}\n")
+
+
+def tf_vars(ami: str, max_instances: int, instance_type: str, region: str) -> list[str]:
+    values = {"region": region, "environment": ENVIRONMENT, "project": PROJECT, "ami_id": ami,
+              "instance_types": json.dumps([instance_type]), "min_instances": "0",
+              "max_instances": str(max_instances), "desired_instances": "0", "force_destroy_bucket": "true",
+              "run_name": ENVIRONMENT}
+    return [f"-var={key}={value}" for key, value in values.items()]
+
+
+class Stack:
+    """A copy of the stack under `directory`, applied to the moto server at `url`."""
+
+    def __init__(self, processes: Processes, directory: Path, url: str, source: Path | None = None) -> None:
+        self.processes = processes
+        self.source = source or default_stack_dir()
+        if not (self.source / "asg.tf").is_file():
+            raise UsageError(f"no Terraform stack at {self.source} (set MAMBA_TRAINING_STACK to infrastructure/aws)")
+        self.terraform = find_terraform()
+        self.dir = directory / "stack"
+        self.url = url
+        self.env: dict[str, str] = {}
+
+    def prepare(self) -> None:
+        shutil.copytree(self.source, self.dir, ignore=COPY_IGNORE)
+        (self.dir / "rehearsal_override.tf").write_text(override(self.url))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TF_") and not k.startswith("AWS_")}
+        env.update(TF_CLI_CONFIG_FILE=str(cli_config(self.dir.parent)), CHECKPOINT_DISABLE="1",
+                   TF_IN_AUTOMATION="1", TF_INPUT="0", TF_DATA_DIR=str(self.dir / ".terraform"))
+        self.env = env
+
+    def _tf(self, name: str, *args: str, timeout: float = APPLY_TIMEOUT) -> str:
+        child = self.processes.start(f"terraform-{name}", [self.terraform, *args, "-no-color"], self.env, cwd=self.dir)
+        try:
+            child.proc.wait(timeout)
+        except Exception:
+            child.stop()
+            raise RehearsalError(f"terraform {name} did not finish within {timeout:.0f} s (log {child.log})") from None
+        if child.proc.returncode != 0:
+            lines = [line for line in child.tail(4000).splitlines() if line.strip().startswith(("Error", "│ Error"))]
+            raise RehearsalError(f"terraform {name} exited {child.proc.returncode}: "
+                                 f"{(lines or ['see log'])[0].strip('│ ')} (log {child.log})")
+        return child.log.read_text()
+
+    def apply(self, ami: str, max_instances: int, instance_type: str, region: str) -> Outputs:
+        started = time.monotonic()
+        self._tf("init", "init", "-input=false")
+        self._tf("apply", "apply", "-auto-approve", "-input=false", *tf_vars(ami, max_instances, instance_type, region))
+        child = self.processes.start("terraform-output", [self.terraform, "output", "-json"], self.env, cwd=self.dir)
+        child.proc.wait(60)
+        text = child.log.read_text()
+        try:
+            raw = {k: v["value"] for k, v in json.loads(text[text.index("{"):]).items()}
+        except (ValueError, KeyError):
+            raise RehearsalError(f"terraform output -json gave no outputs (log {child.log})") from None
+        self.seconds = time.monotonic() - started
+        return Outputs(bucket=raw["bucket_name"], asg_name=raw["autoscaling_group_name"],
+                       queue_url=raw["job_queue_url"], region=raw["region"], raw=raw)
+
+
+__all__ = ["Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
