@@ -195,3 +195,93 @@ def stop(target: Target) -> StopResult:
             for start in range(0, len(ids), 500):  # TerminateInstances takes at most 1000 ids
                 ec2.terminate_instances(InstanceIds=ids[start:start + 500])
     return StopResult(target.asg_name, group is not None, group["DesiredCapacity"] if group else None, ids)
+
+
+# --------------------------------------------------------------------------- the jobs fleet
+# Calls the agent (on an instance) and the reconciler make. They name the group directly: an
+# agent learns its group from its own instance id, the reconciler is told it.
+@dataclass(frozen=True)
+class Capacity:
+    name: str
+    desired: int
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ScheduledAction:
+    """An `aws_autoscaling_schedule` as AWS describes it; -1 (or None) = "leave this field alone"."""
+
+    name: str
+    recurrence: str | None
+    min: int | None
+    max: int | None
+    desired: int | None
+
+
+def capacity(group_name: str, region: str | None = None) -> Capacity:
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"describing auto scaling group {group_name}"):
+        found = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group_name])["AutoScalingGroups"]
+    if not found:
+        raise AwsError(f"auto scaling group {group_name} not found (check --group or MAMBA_ASG_NAME)")
+    g = found[0]
+    return Capacity(group_name, g["DesiredCapacity"], g["MinSize"], g["MaxSize"])
+
+
+def scheduled_actions(group_name: str, region: str | None = None) -> list[ScheduledAction]:
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"describing scheduled actions of {group_name}"):
+        raw = autoscaling.describe_scheduled_actions(AutoScalingGroupName=group_name).get("ScheduledUpdateGroupActions", [])
+
+    def field_value(item: dict[str, Any], key: str) -> int | None:
+        value = item.get(key)
+        return None if value is None or int(value) < 0 else int(value)
+
+    return [ScheduledAction(a["ScheduledActionName"], a.get("Recurrence"), field_value(a, "MinSize"),
+                            field_value(a, "MaxSize"), field_value(a, "DesiredCapacity")) for a in raw]
+
+
+def set_desired(group_name: str, desired: int, region: str | None = None) -> None:
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"setting desired capacity of {group_name} to {desired}"):
+        autoscaling.set_desired_capacity(AutoScalingGroupName=group_name, DesiredCapacity=desired, HonorCooldown=False)
+
+
+def group_of_instance(instance_id: str, region: str | None = None) -> str | None:
+    """The auto scaling group an instance belongs to, or None when it is in none."""
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"describing instance {instance_id} in auto scaling"):
+        found = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id]).get("AutoScalingInstances", [])
+    return found[0]["AutoScalingGroupName"] if found else None
+
+
+def set_protection(group_name: str, instance_id: str, protected: bool, region: str | None = None) -> None:
+    """Scale-in protection: a busy instance is not picked when desired capacity drops (it does not
+    protect against a spot interruption)."""
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"{'setting' if protected else 'clearing'} scale-in protection of {instance_id}"):
+        autoscaling.set_instance_protection(AutoScalingGroupName=group_name, InstanceIds=[instance_id],
+                                            ProtectedFromScaleIn=protected)
+
+
+def leave_group(instance_id: str, region: str | None = None) -> None:
+    """Terminate this instance and lower desired capacity by one, so the group is not refilled."""
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"terminating {instance_id} in its auto scaling group"):
+        autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=instance_id,
+                                                             ShouldDecrementDesiredCapacity=True)
+
+
+def complete_termination(group_name: str, instance_id: str, region: str | None = None) -> list[str]:
+    """CONTINUE every termination lifecycle hook of the group for this instance; returns the hooks."""
+    autoscaling = client("autoscaling", region=region)
+    with aws_errors(f"describing lifecycle hooks of {group_name}"):
+        hooks = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group_name).get("LifecycleHooks", [])
+    names = [h["LifecycleHookName"] for h in hooks
+             if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_TERMINATING"]
+    for name in names:
+        with aws_errors(f"completing lifecycle action {name} for {instance_id}"):
+            autoscaling.complete_lifecycle_action(AutoScalingGroupName=group_name, LifecycleHookName=name,
+                                                  InstanceId=instance_id, LifecycleActionResult="CONTINUE")
+    return names

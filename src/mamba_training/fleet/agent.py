@@ -1,0 +1,309 @@
+"""The agent: what the systemd service runs on every instance. It takes one job at a time from the
+queue, leases it in the jobs store, runs it as a `mamba-training train` subprocess, renews the lease
+while it runs, and records the outcome (fleet/policy.py decides what an exit code means).
+
+Its own instance being reclaimed (spot notice, lifecycle Terminated) or a SIGTERM: the trainer
+child commits its emergency checkpoint and exits 75 (it runs its own watcher on the same IMDS);
+the agent returns the job to the queue, completes the termination lifecycle action if there was
+one, and raises `Preempted` (exit 75). Idle for `idle_seconds` in an auto scaling group: scale-in
+protection off, then TerminateInstanceInAutoScalingGroup with decrement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from mamba_training.aws import fleet as asg
+from mamba_training.aws.queue import Message, Queue
+from mamba_training.checkpoint.protocol import read_latest
+from mamba_training.checkpoint.store import open_store
+from mamba_training.errors import MambaTrainingError, Preempted
+from mamba_training.fleet import policy
+from mamba_training.fleet.jobs import JobsStore, JobSpec, JobState, LeaseLost
+from mamba_training.spot.watcher import Interruption, LifecycleTerminating, make_watcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentOptions:
+    queue_url: str
+    store_url: str
+    imds_url: str = "auto"
+    workdir: Path = field(default_factory=lambda: Path(".mamba-agent"))
+    lease_seconds: float = 300.0  # renewed every third of it
+    idle_seconds: float = 600.0
+    exit_when_idle: bool = False
+    wait_seconds: int = 20  # SQS long poll
+    visibility_seconds: int = 60  # only while a message is being claimed
+    tick_seconds: float = 0.5
+    imds_poll_seconds: float = 5.0
+    coordinator: str | None = None  # HOST:PORT for multi-node jobs (MAMBA_COORDINATOR)
+    python: str = field(default_factory=lambda: sys.executable)
+
+
+def training_command(python: str, spec_file: Path, spec: JobSpec, imds_url: str, cache_dir: Path,
+                     coordinator: str | None = None) -> list[str]:
+    """The command line of one run of a job. One node: `train`; more: `launch`, one per node, meeting
+    at the coordinator (the multi-node launcher; docs/jobs.md)."""
+    sets = [f"checkpoint.store={spec.run_store}", f"checkpoint.cache_dir={cache_dir}", f"spot.imds_url={imds_url}"]
+    train_options = ["-c", str(spec_file), *[a for s in sets for a in ("--set", s)], "--quiet"]
+    if spec.nodes == 1:
+        return [python, "-m", "mamba_training", "train", *train_options]
+    if not coordinator:
+        raise MambaTrainingError(f"job {spec.id} needs {spec.nodes} nodes but no coordinator is set "
+                                 "(--coordinator or MAMBA_COORDINATOR)")
+    return [python, "-m", "mamba_training", "launch", "--coordinator", coordinator,
+            "--nnodes", f"{spec.nodes}:{spec.nodes}", "--run-id", spec.id, "--", *train_options]
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.jobs = JobsStore(options.store_url)
+        self.queue = Queue(options.queue_url)
+        self.watcher = make_watcher(options.imds_url, options.imds_poll_seconds)
+        self.instance_id: str | None = None
+        self.group: str | None = None
+        self.holder = f"{socket.gethostname()}/{os.getpid()}"
+        self._stop = threading.Event()  # SIGTERM
+        self._reclaim: Interruption | LifecycleTerminating | None = None
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> str:
+        """Serve jobs until idle (returns why) or reclaimed/stopped mid-job (raises Preempted)."""
+        self.queue.check()
+        self.options.workdir.mkdir(parents=True, exist_ok=True)
+        previous = self._install_signals()
+        try:
+            if self.watcher is not None:
+                self.watcher.start()
+                self.instance_id = self.watcher.instance_info().get("instance_id")
+            if self.instance_id:
+                self.holder = f"{self.instance_id}/{os.getpid()}"
+                self.group = self._quietly(lambda: asg.group_of_instance(self.instance_id), "finding my group")
+            log.info("agent %s serving %s (group %s)", self.holder, self.queue.url, self.group or "none")
+            return self._serve()
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _serve(self) -> str:
+        idle_since = time.monotonic()
+        while True:
+            self._check_reclaim()
+            if self._reclaim is not None:
+                self._leave_reclaimed(None)
+            if self._stop.is_set():
+                return "stopped by SIGTERM while idle"
+            taken = self._take()
+            if taken is not None:
+                self._run(*taken)
+                idle_since = time.monotonic()
+                continue
+            action = policy.idle_action(time.monotonic() - idle_since, self.options.idle_seconds,
+                                        self.group is not None, self.options.exit_when_idle)
+            if action == "leave":
+                self._quietly(lambda: asg.set_protection(self.group, self.instance_id, False), "dropping protection")
+                if self._quietly(lambda: asg.leave_group(self.instance_id) or True, "leaving the group"):
+                    return f"idle for {self.options.idle_seconds:g} s: left {self.group}"
+                if self.options.exit_when_idle:
+                    return "idle: could not leave the group; exiting"
+                idle_since = time.monotonic()
+            elif action == "exit":
+                return f"idle for {self.options.idle_seconds:g} s"
+
+    # ------------------------------------------------------------------ taking a job
+    def _take(self) -> tuple[JobState, str] | None:
+        messages = self.queue.receive(10, self.options.wait_seconds, self.options.visibility_seconds)
+        candidates: dict[str, tuple[JobState, Message]] = {}
+        for message in messages:
+            state = self._state_or_none(message.job_id)
+            if state is None or state.state != "queued" or state.id in candidates:
+                self.queue.delete(message)  # finished, unknown, or a duplicate: nothing to run
+                continue
+            candidates[state.id] = (state, message)
+        choice = policy.choose_job([s for s, _ in candidates.values()])
+        for job_id, (_, message) in candidates.items():
+            if choice is None or job_id != choice.id:
+                self.queue.release(message)
+        if choice is None:
+            return None
+        message = candidates[choice.id][1]
+        etag = self.jobs.claim(choice.id, self.holder, self.options.lease_seconds)
+        if etag is None:  # another agent holds it
+            self.queue.delete(message)
+            return None
+        started = self.jobs.update(choice.id, lambda s: policy.start_run(s, self.holder, time.time()))
+        self.queue.delete(message)
+        if started.state != "running" or started.holder != self.holder:  # cancelled meanwhile
+            self._release(choice.id, etag)
+            return None
+        log.info("job %s: run %d (attempt %d of %d)", started.id, started.runs, started.attempts, started.max_attempts)
+        return started, etag
+
+    def _state_or_none(self, job_id: str) -> JobState | None:
+        if not job_id:
+            return None
+        try:
+            return self.jobs.state(job_id)[0]
+        except MambaTrainingError as error:
+            log.warning("message for job %r dropped: %s", job_id, error)
+            return None
+
+    # ------------------------------------------------------------------ running it
+    def _run(self, job: JobState, etag: str) -> None:
+        spec = self.jobs.spec(job.id)
+        self._run_store = spec.run_store
+        folder = self.options.workdir / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_file = folder / "config.yaml"
+        spec_file.write_text(yaml.safe_dump(spec.config, sort_keys=False))
+        command = training_command(self.options.python, spec_file, spec, self.options.imds_url,
+                                   folder / "checkpoints", self.options.coordinator)
+        log_path = folder / f"run-{job.runs:03d}.log"
+        if self.group:
+            self._quietly(lambda: asg.set_protection(self.group, self.instance_id, True), "setting protection")
+        with open(log_path, "wb") as out:
+            child = subprocess.Popen(command, cwd=self.options.workdir, stdout=out, stderr=subprocess.STDOUT)
+        code, lost = self._watch(job, child, etag)
+        self._quietly(lambda: self.jobs.put_log(job.id, job.runs, log_path.read_bytes()), "uploading the log")
+        if lost is None:
+            self._finish(job.id, code)
+        else:
+            log.warning("job %s: %s; its run was stopped and the job left to its new holder", job.id, lost)
+        if self.group:
+            self._quietly(lambda: asg.set_protection(self.group, self.instance_id, False), "clearing protection")
+        if self._reclaim is not None or self._stop.is_set():
+            self._leave_reclaimed(job.id)
+
+    def _watch(self, job: JobState, child: subprocess.Popen, etag: str) -> tuple[int, str | None]:
+        """Wait for the child, renewing the lease; (exit code, None) or (-9, why the lease was lost)."""
+        self._etag = etag
+        expires = time.time() + self.options.lease_seconds
+        renewed = time.monotonic()
+        signalled = False
+        while True:
+            code = child.poll()
+            if code is not None:
+                return code, None
+            if time.time() >= expires:
+                # We were frozen past our own lease (SIGSTOP, a paused VM): another agent may run the
+                # job already, so the child dies before anything else happens.
+                child.kill()
+                child.wait()
+                return -9, self._after_expiry(job.id)
+            if time.monotonic() - renewed >= self.options.lease_seconds / 3:
+                try:
+                    self._etag = self.jobs.renew(job.id, self.holder, self._etag, self.options.lease_seconds)
+                    expires, renewed = time.time() + self.options.lease_seconds, time.monotonic()
+                    state = self._refresh_step(job.id)
+                    if state is not None and state.cancel_requested and not signalled:
+                        log.info("job %s: cancel requested; stopping its run with a checkpoint", job.id)
+                        child.send_signal(signal.SIGTERM)
+                        signalled = True
+                except LeaseLost as error:
+                    child.kill()
+                    child.wait()
+                    return -9, str(error)
+                except MambaTrainingError as error:  # S3 or the network hiccuped: try again next tick
+                    log.warning("job %s: lease renewal failed (%s); retrying", job.id, error)
+            self._check_reclaim()
+            if self._stop.is_set() and not signalled:
+                child.send_signal(signal.SIGTERM)
+                signalled = True
+            self._stop.wait(self.options.tick_seconds)
+
+    def _after_expiry(self, job_id: str) -> str:
+        lease, current = self.jobs.lease(job_id)
+        if lease is not None and lease.holder == self.holder and current == self._etag:
+            # Nobody took it while we were frozen: give the job back as if preempted.
+            self._finish(job_id, policy.EXIT_PREEMPTED)
+            return "lease expired while this agent was frozen; nobody had taken it, so it was returned"
+        return "lease expired while this agent was frozen and another agent took the job"
+
+    def _refresh_step(self, job_id: str) -> JobState | None:
+        step = self._committed_step(job_id)
+        return self.jobs.update(job_id, lambda s: replace(s, step=step) if step is not None and s.step != step
+                                and s.holder == self.holder else None)
+
+    def _committed_step(self, job_id: str) -> int | None:
+        try:
+            pointer = read_latest(open_store(self._run_store))
+        except MambaTrainingError:
+            return None
+        return pointer["step"] if pointer else None
+
+    def _finish(self, job_id: str, code: int) -> None:
+        step = self._committed_step(job_id)
+        now = time.time()
+
+        def outcome(state: JobState) -> JobState | None:
+            if state.state != "running" or state.holder != self.holder:
+                return None  # not ours any more
+            ended = policy.next_state(state, code)
+            return replace(ended, step=step if step is not None else ended.step, enqueued_at=now)
+
+        final = self.jobs.update(job_id, outcome, now=now)
+        log.info("job %s: run exited %d -> %s (%s)", job_id, code, final.state, final.reason or "")
+        self._release(job_id, self._etag)
+        if final.state == "queued" and final.holder is None:
+            self._quietly(lambda: self.queue.send(job_id), f"re-enqueueing job {job_id}")
+
+    def _release(self, job_id: str, etag: str) -> None:
+        try:
+            self.jobs.release(job_id, self.holder, etag)
+        except MambaTrainingError as error:
+            log.warning("job %s: %s", job_id, error)
+
+    # ------------------------------------------------------------------ reclaim and signals
+    def _check_reclaim(self) -> None:
+        if self.watcher is None or self._reclaim is not None:
+            return
+        for event in self.watcher.poll():
+            if isinstance(event, (Interruption, LifecycleTerminating)):
+                self._reclaim = event
+                log.warning("instance %s is being reclaimed (%s)", self.instance_id, type(event).__name__)
+
+    def _leave_reclaimed(self, job_id: str | None) -> None:
+        if isinstance(self._reclaim, LifecycleTerminating) and self.group:
+            self._quietly(lambda: asg.complete_termination(self.group, self.instance_id), "completing the lifecycle action")
+        what = f"job {job_id} returned to the queue" if job_id else "no job was running"
+        why = "SIGTERM" if self._reclaim is None else f"instance {self.instance_id} reclaimed"
+        raise Preempted(f"agent stopped ({why}): {what}")
+
+    def _install_signals(self) -> dict[int, object]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: self._stop.set())
+        return previous
+
+    def _quietly(self, action, what: str):
+        """AWS calls whose failure must not stop the agent (protection, lifecycle, logs)."""
+        try:
+            return action()
+        except MambaTrainingError as error:
+            log.warning("%s failed: %s", what, error)
+            return None
+
+
+def run_agent(options: AgentOptions) -> str:
+    return Agent(options).run()
+
+
+__all__ = ["Agent", "AgentOptions", "run_agent", "training_command"]
