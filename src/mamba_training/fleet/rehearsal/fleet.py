@@ -168,9 +168,11 @@ class SimulatedFleet:
         try:
             self.autoscaling.terminate_instance_in_auto_scaling_group(
                 InstanceId=instance.id, ShouldDecrementDesiredCapacity=False)
-        except Exception as error:  # already gone (the agent terminated it first): nothing to reclaim
-            if "not found" not in str(error).lower() and "StopIteration" not in repr(error):
-                raise
+        except Exception as error:
+            # Already out of the group (scaled in, or its agent left first; moto answers 500 then): done.
+            found = self.autoscaling.describe_auto_scaling_instances(InstanceIds=[instance.id])
+            if found["AutoScalingInstances"]:
+                raise RehearsalError(f"could not terminate instance {instance.id} in moto: {error}") from None
 
     def _reclaim(self, instance: Instance, state: str) -> None:
         instance.child.stop(timeout=RECLAIM_GRACE)

@@ -3,7 +3,7 @@
 The process is the instance's "machine": it serves the instance's own metadata service (the
 IMDS emulator, with the spot notice's two-minute window compressed) and runs COMMAND under it
 the way systemd runs the agent on EC2, with `{imds}` in COMMAND replaced by the emulator's URL
-(also in MAMBA_IMDS_URL) and `{instance}` by the instance id. When COMMAND ends, the machine stays up
+(also in MAMBA_IMDS_URL), `{instance}` by the instance id and `{dir}` by its folder. When COMMAND ends, the machine stays up
 (an EC2 instance does not vanish when its service exits) until the fleet takes it away with
 SIGTERM, which it passes on to COMMAND before it stops serving. It is the leader of its own
 process group, so the fleet ends it and everything under it with one killpg.
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     child = None
     if command:
-        command = [part.replace("{imds}", imds.url).replace("{instance}", args.instance_id) for part in command]
+        command = [part.replace("{imds}", imds.url).replace("{instance}", args.instance_id)
+                   .replace("{dir}", str(args.dir.resolve())) for part in command]
         env = {**os.environ, "MAMBA_IMDS_URL": imds.url, "MAMBA_INSTANCE_ID": args.instance_id}
         child = subprocess.Popen(command, env=env, cwd=args.dir, stdin=subprocess.DEVNULL)
     _write(args.dir / "ready.json", {"imds_url": imds.url, "pid": os.getpid(),

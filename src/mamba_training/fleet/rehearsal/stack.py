@@ -159,4 +159,29 @@ class Stack:
                        queue_url=raw["job_queue_url"], region=raw["region"], raw=raw)
 
 
-__all__ = ["Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
+def allow_plain_http(bucket: str, region: str) -> list[str]:
+    """Drop the bucket policy's TLS-only statements; returns their Sids.
+
+    The stack denies every S3 request without TLS (aws:SecureTransport false), and moto evaluates
+    bucket policies, but the rehearsal's moto serves plain HTTP on loopback: nothing could read or
+    write the bucket. Every other statement of the applied policy stays.
+    """
+    from mamba_training.aws.session import client
+
+    s3 = client("s3", region=region)
+    try:
+        policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    except Exception:  # no policy: nothing to relax
+        return []
+    statements = policy.get("Statement", [])
+    insecure = [s for s in statements
+                if s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") in ("false", False)]
+    kept = [s for s in statements if s not in insecure]
+    if kept:
+        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({**policy, "Statement": kept}))
+    else:
+        s3.delete_bucket_policy(Bucket=bucket)
+    return [s.get("Sid", "?") for s in insecure]
+
+
+__all__ = ["allow_plain_http", "Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
