@@ -53,10 +53,17 @@ def rehearse(
     # SIGTERM ends it like Ctrl-C: the rehearsal's teardown ends every process it started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     err = Console(stderr=True)
-    if as_json or not sys.stderr.isatty():
-        if not as_json:
-            err.print(f"rehearsal: seed {seed}")
+    if as_json:
         result = run_rehearsal(options)
+    elif not sys.stderr.isatty():  # a log, not a live view: one line per phase
+        phases: list[str] = []
+
+        def note(snapshot) -> None:
+            if not phases or phases[-1] != snapshot.phase:
+                phases.append(snapshot.phase)
+                err.print(f"rehearsal (seed {seed}) {snapshot.elapsed:6.1f} s: {snapshot.phase}", highlight=False)
+
+        result = run_rehearsal(options, note)
     else:
         with Live(console=err, refresh_per_second=4, transient=True) as shown:
             result = run_rehearsal(options, lambda snapshot: shown.update(view.live(snapshot)))

@@ -53,7 +53,11 @@ def pointed_at(endpoint: str) -> Iterator[None]:
 
 
 def check_installed() -> None:
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+    try:
+        found = importlib.util.find_spec("moto.server") is not None and importlib.util.find_spec("flask") is not None
+    except ModuleNotFoundError:  # no moto at all
+        found = False
+    if not found:
         raise RehearsalError("the moto server is not installed: pip install 'moto[server]' "
                              "(or `make install-dev`)")
 

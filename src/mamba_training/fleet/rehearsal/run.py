@@ -158,6 +158,7 @@ def on_demand_price(instance_type: str) -> float:
 
 
 def new_directory(options: Options) -> Path:
+    """Where this rehearsal's files go (not created yet): --dir if new or empty, else a fresh name."""
     if options.directory is not None:
         directory = Path(options.directory)
         if directory.exists() and any(directory.iterdir()):
@@ -165,7 +166,6 @@ def new_directory(options: Options) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         directory = Path.cwd() / "rehearsals" / f"{stamp}-seed{options.seed}-{secrets.token_hex(2)}"
-    directory.mkdir(parents=True, exist_ok=True)
     return directory.resolve()
 
 
@@ -178,6 +178,7 @@ class Rehearsal:
         self.price = on_demand_price(options.instance_type)
         self.directory = new_directory(options)
         self.plans = job_plans(options, self.directory / "data")
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.processes = Processes(self.directory / "procs")
         self.started = time.monotonic()
         self.market: Market = walk(self.price, options.seed, int(options.timeout / 5) + 2)
