@@ -9,7 +9,7 @@ CHECKOV_PIN := checkov==3.3.30
 TOOLS := .tools
 ARGS ?=
 
-.PHONY: run test bench lint clean install install-dev tools
+.PHONY: run test bench rehearse lint clean install install-dev tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,13 @@ test: install-dev tools
 	$(BIN)/lint-imports
 	PATH="$(abspath $(BIN)):$(abspath $(TOOLS)/checkov/bin):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
+# The whole fleet on this machine (moto server, Terraform stack, reconciler, agents, spot interruptions).
+rehearse: install-dev
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mamba-training rehearse $(ARGS)
+
 bench: install-dev
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) $(TOOLS) runs .pytest_cache
+	rm -rf $(VENV) $(TOOLS) runs rehearsals .pytest_cache

@@ -62,7 +62,8 @@ def test_a_short_rehearsal_loses_nothing_and_leaves_nothing_running(tmp_path: Pa
         assert job["state"] == "done" and job["final_step"] == job["max_steps"] == 60
         assert job["store"].startswith("s3://mamba-training-rehearsal-ckpt-") and job["store"].endswith("/run")
         assert job["identical_to_straight"] is True
-    assert result["instances_launched"] >= 4  # two interrupted instances were replaced
+    assert result["instances_launched"] >= 3  # a noticed instance was replaced (or scaled in once its job was done)
+    assert result["terraform_apply_seconds"] > 0  # the apply returned, and its outputs matched what was used
     assert Path(result["png"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((directory / "result.json").read_text())["jobs_completed"] == 2
     assert_nothing_left(directory)

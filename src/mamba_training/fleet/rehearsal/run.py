@@ -30,9 +30,9 @@ from mamba_training.errors import MambaTrainingError, UsageError
 from mamba_training.fleet.rehearsal import moto, report
 from mamba_training.fleet.rehearsal.fleet import SimulatedFleet
 from mamba_training.fleet.rehearsal.prices import Market, costs, walk
-from mamba_training.fleet.rehearsal.procs import Processes, RehearsalError, free_port, group_alive
+from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError, free_port, group_alive
 from mamba_training.fleet.rehearsal.schedule import Event, choose, notice_seconds, plan
-from mamba_training.fleet.rehearsal.stack import Outputs, Stack, allow_plain_http, find_terraform
+from mamba_training.fleet.rehearsal.stack import Outputs, Stack, allow_plain_http, find_terraform, resources_up
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +210,11 @@ class Rehearsal:
         with moto.pointed_at(url):
             straight = self._start_straight_runs()
             self._update("applying the Terraform stack to moto")
-            outputs = self._apply(url)
+            stack, apply, outputs = self._apply(url)
             self._start_controllers(outputs)
             self._submit(outputs)
-            self._watch(outputs)
+            self._watch(outputs, apply)
+            self._finish_apply(stack, apply, outputs)
             self._update("waiting for the straight runs")
             straight.join()
             return self._result(outputs)
@@ -238,15 +239,35 @@ class Rehearsal:
         self.on_update(snapshot)
 
     # ------------------------------------------------------------------ setting up
-    def _apply(self, url: str) -> Outputs:
+    def _apply(self, url: str) -> tuple[Stack, Child, Outputs]:
+        """Start the apply; return once the group, queue and bucket exist (the apply goes on)."""
         ec2 = client("ec2", region=moto.REGION)
         ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
         stack = Stack(self.processes, self.directory, url)
         stack.prepare()
-        outputs = stack.apply(ami, self.options.instances, self.options.instance_type, moto.REGION)
+        apply = stack.start_apply(ami, self.options.instances, self.options.instance_type, moto.REGION)
+        found = None
+        while found is None:
+            if not apply.alive():
+                stack.finish(apply)  # raises with terraform's error when it failed
+                found = resources_up(moto.REGION)
+                if found is None:
+                    raise RehearsalError(f"terraform apply finished but the stack's group, queue or bucket is "
+                                         f"missing in moto (log {apply.log})")
+                break
+            found = resources_up(moto.REGION)
+            if found is None:
+                time.sleep(0.5)
+        self.relaxed = allow_plain_http(found.bucket, moto.REGION)
+        return stack, apply, found
+
+    def _finish_apply(self, stack: Stack, apply: Child, used: Outputs) -> None:
+        self._update("waiting for terraform apply to return")
+        outputs = stack.finish(apply)
         self.terraform_seconds = round(stack.seconds, 1)
-        self.relaxed = allow_plain_http(outputs.bucket, moto.REGION)
-        return outputs
+        if (outputs.bucket, outputs.asg_name, outputs.queue_url) != (used.bucket, used.asg_name, used.queue_url):
+            raise RehearsalError(f"the stack's outputs ({outputs.bucket}, {outputs.asg_name}, {outputs.queue_url}) "
+                                 f"are not what the rehearsal used ({used.bucket}, {used.asg_name}, {used.queue_url})")
 
     def _start_straight_runs(self) -> threading.Thread:
         """Each single-node job trained once without interruptions, one after the other, in the background."""
@@ -296,7 +317,7 @@ class Rehearsal:
         self._update(f"{len(self.plans)} jobs submitted")
 
     # ------------------------------------------------------------------ the loop
-    def _watch(self, outputs: Outputs) -> None:
+    def _watch(self, outputs: Outputs, apply: Child) -> None:
         from mamba_training.fleet.operations import Endpoints, list_jobs
 
         where = Endpoints(outputs.queue_url, outputs.jobs_store)
@@ -304,6 +325,8 @@ class Rehearsal:
         self.phase = "running the jobs"
         last = self.clock()
         while True:
+            if not apply.alive() and apply.proc.returncode != 0:
+                raise RehearsalError(f"terraform apply exited {apply.proc.returncode} (log {apply.log})")
             if not self.reconciler.alive():
                 raise RehearsalError(f"the reconciler exited {self.reconciler.proc.returncode} "
                                      f"(log {self.reconciler.log})")

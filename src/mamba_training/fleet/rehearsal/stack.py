@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mamba_training.errors import UsageError
-from mamba_training.fleet.rehearsal.procs import Processes, RehearsalError
+from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError
 
 ENVIRONMENT = "rehearsal"
 PROJECT = "mamba-training"
@@ -134,19 +135,33 @@ class Stack:
         child = self.processes.start(f"terraform-{name}", [self.terraform, *args, "-no-color"], self.env, cwd=self.dir)
         try:
             child.proc.wait(timeout)
-        except Exception:
+        except subprocess.TimeoutExpired:
             child.stop()
             raise RehearsalError(f"terraform {name} did not finish within {timeout:.0f} s (log {child.log})") from None
         if child.proc.returncode != 0:
-            lines = [line for line in child.tail(4000).splitlines() if line.strip().startswith(("Error", "│ Error"))]
-            raise RehearsalError(f"terraform {name} exited {child.proc.returncode}: "
-                                 f"{(lines or ['see log'])[0].strip('│ ')} (log {child.log})")
+            raise RehearsalError(f"terraform {name} exited {child.proc.returncode}: {first_error(child)} "
+                                 f"(log {child.log})")
         return child.log.read_text()
 
-    def apply(self, ami: str, max_instances: int, instance_type: str, region: str) -> Outputs:
-        started = time.monotonic()
+    def start_apply(self, ami: str, max_instances: int, instance_type: str, region: str) -> Child:
+        """`terraform init`, then `terraform apply` started and left running (see `resources_up`)."""
+        self.started = time.monotonic()
         self._tf("init", "init", "-input=false")
-        self._tf("apply", "apply", "-auto-approve", "-input=false", *tf_vars(ami, max_instances, instance_type, region))
+        return self.processes.start("terraform-apply", [self.terraform, "apply", "-auto-approve", "-input=false",
+                                                        "-no-color", *tf_vars(ami, max_instances, instance_type,
+                                                                              region)], self.env, cwd=self.dir)
+
+    def finish(self, apply: Child, timeout: float = APPLY_TIMEOUT) -> Outputs:
+        """Wait for the apply; its outputs."""
+        try:
+            apply.proc.wait(max(1.0, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            apply.stop()
+            raise RehearsalError(f"terraform apply did not finish within {timeout:.0f} s (log {apply.log})") from None
+        if apply.proc.returncode != 0:
+            raise RehearsalError(f"terraform apply exited {apply.proc.returncode}: {first_error(apply)} "
+                                 f"(log {apply.log})")
+        self.seconds = time.monotonic() - self.started
         child = self.processes.start("terraform-output", [self.terraform, "output", "-json"], self.env, cwd=self.dir)
         child.proc.wait(60)
         text = child.log.read_text()
@@ -154,9 +169,44 @@ class Stack:
             raw = {k: v["value"] for k, v in json.loads(text[text.index("{"):]).items()}
         except (ValueError, KeyError):
             raise RehearsalError(f"terraform output -json gave no outputs (log {child.log})") from None
-        self.seconds = time.monotonic() - started
         return Outputs(bucket=raw["bucket_name"], asg_name=raw["autoscaling_group_name"],
                        queue_url=raw["job_queue_url"], region=raw["region"], raw=raw)
+
+
+def first_error(child: Child) -> str:
+    lines = [line.strip("│ ").strip() for line in child.tail(6000).splitlines() if "Error" in line]
+    return lines[0] if lines else "see its log"
+
+
+def resources_up(region: str) -> Outputs | None:
+    """The stack's group, queue and bucket once they exist in moto (names as locals.tf makes them), else None.
+
+    The AWS provider then still waits about a minute on moto (SQS attributes, S3 lifecycle rules)
+    before the apply returns; the fleet can start as soon as these three exist, and `finish`
+    checks the outputs against them at the end.
+    """
+    from mamba_training.aws.session import client
+
+    name = f"{PROJECT}-{ENVIRONMENT}"
+    groups = client("autoscaling", region=region).describe_auto_scaling_groups(
+        AutoScalingGroupNames=[f"{name}-training-asg"])["AutoScalingGroups"]
+    if not groups:
+        return None
+    sqs = client("sqs", region=region)
+    try:
+        queue_url = sqs.get_queue_url(QueueName=f"{name}-training-jobs")["QueueUrl"]
+    except Exception:  # not created yet
+        return None
+    s3 = client("s3", region=region)
+    buckets = [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith(f"{name}-ckpt-")]
+    if len(buckets) != 1:
+        return None
+    try:
+        s3.get_bucket_policy(Bucket=buckets[0])
+    except Exception:  # the policy comes a moment after the bucket: relax it only once it is there
+        return None
+    return Outputs(bucket=buckets[0], asg_name=groups[0]["AutoScalingGroupName"], queue_url=queue_url,
+                   region=region, raw={})
 
 
 def allow_plain_http(bucket: str, region: str) -> list[str]:
@@ -184,4 +234,4 @@ def allow_plain_http(bucket: str, region: str) -> list[str]:
     return [s.get("Sid", "?") for s in insecure]
 
 
-__all__ = ["allow_plain_http", "Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
+__all__ = ["allow_plain_http", "resources_up", "Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
