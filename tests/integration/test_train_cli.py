@@ -43,6 +43,22 @@ def train_args(tmp: Path, store: str, *extra: str) -> list[str]:
     return ["train", "-c", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]
 
 
+def held_env(control: Path, *steps: int) -> dict[str, str]:
+    """Environment that makes the trainer hold after each of `steps` (train/control.py)."""
+    return {"MAMBA_TRAINING_HOLD_AT": ",".join(map(str, steps)), "MAMBA_TRAINING_CONTROL_DIR": str(control)}
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait for the trainer to write `path` (an event, with a generous timeout: never a duration)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited {proc.returncode} before {path.name}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {path.name} within {timeout} s")
+        time.sleep(0.01)
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "model.safetensors")
 
@@ -113,19 +129,21 @@ def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> No
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     run_cli(train_args(tmp_path, "straight", "train.max_steps=30"), tmp_path, check=True)
     args = train_args(tmp_path, "stopped", "train.max_steps=30")
+    control = tmp_path / "control"
     proc = subprocess.Popen([sys.executable, "-m", "mamba_training", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **held_env(control, 12)})
     run = tmp_path / "stopped"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(r["step"] >= 10 for r in metrics(run)):
-        time.sleep(0.05)
+    wait_for_file(control / "reached-12", proc)  # held after step 12 of 30: the stop is at 12 exactly
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=240)
     assert proc.returncode == 75, err
     assert "preempted" in err.splitlines()[-1]
     exit_event = [e for e in events(run) if e["kind"] == "exit"][-1]
     assert exit_event["reason"] == "signal:SIGTERM" and exit_event["lost_steps"] == 0
+    # Step 12 is not a checkpoint step (every 5): the emergency checkpoint is, and no step 13 began.
+    assert exit_event["step"] == exit_event["committed_step"] == 12
+    assert max(r["step"] for r in metrics(run)) == 10  # log_every=5: step 12 trained, not logged
     run_cli(args, tmp_path, check=True)
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
     # The resumed segment records its start-up time, and no 'checkpoint' event for the checkpoint
@@ -135,6 +153,28 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     restored = resumed[0]["step"]
     assert restored == exit_event["committed_step"]
     assert all(e["checkpoint_step"] > restored for e in resumed if e["kind"] == "checkpoint")
+
+
+def test_a_stop_past_its_deadline_keeps_the_last_commit_and_the_resume_is_exact(tmp_path: Path) -> None:
+    """A SIGTERM whose grace has already run out at the boundary: the emergency checkpoint would
+    not fit (the step-5 commit's measured time exceeds what is left), so step 5 stays
+    authoritative; the stopped step drew no batch, and the resumed run is bitwise a straight one."""
+    run_cli(train_args(tmp_path, "straight"), tmp_path, check=True)
+    args = train_args(tmp_path, "stopped", "spot.grace_seconds=0.000001")
+    control = tmp_path / "control"
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_training", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **held_env(control, 7)})
+    wait_for_file(control / "reached-7", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err
+    assert "step 5 stays authoritative" in err
+    run = tmp_path / "stopped"
+    exit_event = [e for e in events(run) if e["kind"] == "exit"][-1]
+    assert (exit_event["step"], exit_event["committed_step"], exit_event["lost_steps"]) == (7, 5, 2)
+    run_cli(args, tmp_path, check=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(run))
 
 
 def test_resume_never_refuses_a_store_with_checkpoints(tmp_path: Path) -> None:
@@ -208,3 +248,62 @@ def test_torchrun_two_ranks_with_gloo_trains_and_resumes_on_one(tmp_path: Path) 
     run_cli(train_args(tmp_path, "ddp", "train.max_steps=15"), tmp_path, check=True)
     assert max(r["step"] for r in metrics(run)) == 15
     assert [e for e in events(run) if e["kind"] == "resume"][-1]["world_size"] == 1
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the processes under `launcher` that carry a RANK (torchrun's workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == launcher:
+                return True
+        return False
+
+    ranks = {}
+    for pid in filter(under, parents):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Rank 1 alone is signalled while both ranks are held after step 7: the boundary's all-reduce
+    stops both at step 7, rank 0 commits that step once, and nobody hangs in a collective."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    control = tmp_path / "control"
+    args = train_args(tmp_path, "ddp", "train.max_steps=20")
+    proc = subprocess.Popen(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "mamba_training", *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **held_env(control, 7)},
+    )
+    wait_for_file(control / "reached-7", proc, timeout=300)
+    ranks = worker_pids(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)  # bounded: a rank left in a collective would hang here
+    run = tmp_path / "ddp"
+    (exit_event,) = [e for e in events(run) if e["kind"] == "exit"]
+    assert exit_event["reason"] == "signal:peer", err[-3000:]  # rank 0 writes the records: a peer's cause
+    assert exit_event["step"] == exit_event["committed_step"] == 7 and exit_event["lost_steps"] == 0
+    # The checkpoint holds both ranks' RNG states, and they differ (each rank was seeded seed + rank).
+    step_dir = run / "checkpoints" / "step_00000007"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    tree = json.loads((step_dir / manifest["tree"]).read_text())
+    rng = tree["trainer"]["rng_ranks"]
+    assert len(rng) == 2 and rng[0]["python"] != rng[1]["python"]
+    # One process continues the run (another world size: its RNG is derived from seed, step, rank).
+    run_cli(train_args(tmp_path, "ddp", "train.max_steps=12"), tmp_path, check=True)
+    assert [e for e in events(run) if e["kind"] == "resume"][-1]["step"] == 7

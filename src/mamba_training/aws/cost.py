@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mamba_training.aws.prices import PriceTable, latest_quotes, saving_percent, spot_history
 from mamba_training.aws.session import aws_errors, client
@@ -104,16 +104,22 @@ class Ledger:
     tokens: int = 0
     last: float = 0.0
     closed: bool = False
+    # Seconds since the epoch. A rehearsal or a test injects a clock that counts steps, so the
+    # cost after k steps, and the step a budget stops at, do not depend on the machine's speed.
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     @classmethod
     def start(cls, path: str | Path, instance_type: str, availability_zone: str, lifecycle: str,
               region: str | None, price_usd_per_hour: float, on_demand_usd_per_hour: float,
-              tokens_at_start: int | None = None, now: float | None = None) -> "Ledger":
-        """Open a ledger (and write it) for a process that starts paying `price_usd_per_hour` now."""
-        now = time.time() if now is None else now
+              tokens_at_start: int | None = None, now: float | None = None,
+              clock: Callable[[], float] = time.time) -> "Ledger":
+        """Open a ledger (and write it) for a process that starts paying `price_usd_per_hour` now.
+
+        `clock` gives the time wherever a call passes no `now` (wall time by default)."""
+        now = clock() if now is None else now
         entry = LedgerEntry(instance_type, availability_zone, lifecycle, float(price_usd_per_hour),
                             float(on_demand_usd_per_hour))
-        ledger = cls(Path(path), region, now, [entry], tokens_at_start, tokens_at_start or 0, now)
+        ledger = cls(Path(path), region, now, [entry], tokens_at_start, tokens_at_start or 0, now, clock=clock)
         ledger._write()
         return ledger
 
@@ -127,7 +133,7 @@ class Ledger:
 
     def update(self, tokens_seen: int, now: float | None = None) -> float:
         """Account the time since the last update at the price in force; returns dollars so far."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         self.entries[-1].seconds += max(0.0, now - self.last)
         self.last = max(self.last, now)
         if self.tokens_at_start is None:

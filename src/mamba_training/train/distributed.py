@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,25 @@ def all_reduce_max(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def all_reduce_max_vector(values: list[float], info: DistInfo) -> list[float]:
+    """The element-wise largest `values` over all ranks, in one small all-reduce (negate an
+    entry to get its minimum)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [float(v) for v in tensor.tolist()]
+
+
+def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj`, indexed by rank (picklable objects; meant for small state like RNG)."""
+    if not info.enabled:
+        return [obj]
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

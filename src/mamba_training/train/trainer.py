@@ -1,23 +1,22 @@
-"""The trainer: one orchestrator that follows a step from data to optimizer, and owns the stop path.
+"""The trainer: one orchestrator that follows a step from data to optimizer.
 
 It wires the components together — data sampler, model, AdamW + schedule, checkpoint manager,
-spot watcher, metric sinks, cost ledger — and knows none of their insides. Everything that must
-survive a restart is Stateful (state_dict / load_state_dict) and handed to the checkpoint manager.
+stop path, spot watcher, metric sinks, cost ledger — and knows none of their insides. Everything
+that must survive a restart is Stateful (state_dict / load_state_dict) and handed to the
+checkpoint manager.
 
-Stop path (DESIGN.md, "Spot protocol"): an interruption notice, a terminating lifecycle state,
-SIGTERM or SIGINT sets a flag; at the next step boundary (or between micro-batches when the
-deadline is near) the trainer commits an emergency checkpoint, records why, and raises Preempted.
+The loop: at each step boundary every rank takes the same decision (train/stopping.py: go on,
+checkpoint first, or stop) before the step draws its batch; then one optimizer step; then its
+metrics. A stop commits an emergency checkpoint, records why, and raises Preempted (exit 75).
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,15 +33,14 @@ from mamba_training.errors import EXIT_PREEMPTED, Preempted, UsageError
 from mamba_training.logging_setup import add_json_log
 from mamba_training.model import MambaConfig, MambaLM, load_hf_weights, save_hf
 from mamba_training.train import distributed, startup
+from mamba_training.train.control import Control
 from mamba_training.train.metrics import CloudWatchSink, Sinks, TensorBoardSink
 from mamba_training.train.optim import build_optimizer, build_scheduler
 from mamba_training.train.records import LEDGER, LOG, RecordWriter, new_segment_id, read_run
+from mamba_training.train.state import TrainState, seed_rng
+from mamba_training.train.stopping import BUDGET, PREEMPT, Decision, StopPath, save_fits
 
 log = logging.getLogger(__name__)
-
-# Stop codes, all-reduced with MAX so every rank takes the same decision at a step boundary.
-_CONTINUE, _EARLY_SAVE, _STOP = 0.0, 1.0, 2.0
-DEFAULT_NOTICE_SECONDS = 120.0
 
 
 @dataclass
@@ -65,48 +63,6 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-@dataclass
-class _StopRequest:
-    reason: str  # interruption:<action> | lifecycle | signal:SIGTERM | budget
-    received: float  # time.monotonic() when we learned of it
-    deadline: float  # time.monotonic() by which the state must be durable
-
-
-class TrainState:
-    """Step and token counters plus every RNG state: the trainer's own Stateful."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.step = 0
-        self.tokens_seen = 0
-        self.device = device
-
-    def state_dict(self) -> dict[str, Any]:
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        state: dict[str, Any] = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-            "rng_numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "rng_torch": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        version, internal, gauss = state["rng_python"]
-        random.setstate((version, tuple(internal), gauss))
-        name, keys, pos, has_gauss, cached = state["rng_numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state["rng_torch"].cpu())
-        if torch.cuda.is_available() and "rng_cuda" in state:
-            cuda = state["rng_cuda"]
-            torch.cuda.set_rng_state_all([cuda[k].cpu() for k in sorted(cuda, key=int)])
-
-
 def local_run_dir(store: str, cache_dir: str) -> Path:
     """Where this process keeps the run's files: the store itself when local, a cache for S3."""
     if store.startswith("s3://"):
@@ -114,12 +70,6 @@ def local_run_dir(store: str, cache_dir: str) -> Path:
     if store.startswith("file://"):
         return Path(store[len("file://"):])
     return Path(store)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -139,11 +89,7 @@ class Trainer:
         self.init_from = init_from
         self.on_progress = on_progress or (lambda _: None)
         self.transfer_progress = transfer_progress  # draws the checkpoint download on resume
-        self._stop: _StopRequest | None = None
-        self._early_save = False
-        self._signals_seen = 0
-        self._last_save_seconds = 0.0
-        self._interruptions = 0
+        self.control = Control.from_env()
 
     # ----------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -151,7 +97,7 @@ class Trainer:
         self.dist = distributed.setup(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed + self.dist.rank)
+        seed_rng(cfg.train.seed + self.dist.rank)
         self.segment = new_segment_id()
         self.run_dir = local_run_dir(cfg.checkpoint.store, cfg.checkpoint.cache_dir)
         self.records = RecordWriter(self.run_dir, self.segment) if self.dist.is_main else None
@@ -189,7 +135,9 @@ class Trainer:
             self.train_data, cfg.train.seq_len, cfg.train.batch_size, cfg.train.seed,
             rank=self.dist.rank, world_size=self.dist.world_size,
         )
-        self.state = TrainState(self.dist.device)
+        self.state = TrainState(cfg.train.seed, self.dist.rank, self.dist.world_size)
+        self.stopping = StopPath(self.dist, grace_seconds=cfg.spot.grace_seconds,
+                                 rebalance_checkpoint=cfg.spot.rebalance_checkpoint, record=self._record_event)
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.store,
             policy=CheckpointPolicy(
@@ -248,54 +196,6 @@ class Trainer:
             log.info("initialised weights from %s", self.init_from)
         return None
 
-    # ----------------------------------------------------------------- stop signals
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signals_seen += 1
-        if self._signals_seen > 1 and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
-        if self._stop is None:
-            now = time.monotonic()
-            name = signal.Signals(signum).name
-            self._stop = _StopRequest(f"signal:{name}", now, now + self.config.spot.grace_seconds)
-
-    def _poll_spot(self) -> None:
-        if self.watcher is None:
-            return
-        from mamba_training.spot import Interruption, LifecycleTerminating, Rebalance
-
-        for event in self.watcher.poll():
-            if isinstance(event, Interruption):
-                self._interruptions += 1
-                left = event.seconds_left()
-                received = event.received_monotonic
-                self._record_event("interruption", action=event.action, notice_time=str(event.time),
-                                   seconds_left=round(left, 1), malformed=event.malformed)
-                if self._stop is None:
-                    deadline = received + max(0.0, left) if left > 0 else received + DEFAULT_NOTICE_SECONDS
-                    self._stop = _StopRequest(f"interruption:{event.action}", received, deadline)
-            elif isinstance(event, LifecycleTerminating):
-                self._record_event("lifecycle", state=event.state)
-                if self._stop is None:
-                    received = event.received_monotonic
-                    self._stop = _StopRequest("lifecycle:terminating", received, received + self.config.spot.grace_seconds)
-            elif isinstance(event, Rebalance):
-                self._record_event("rebalance", notice_time=str(event.notice_time))
-                if self.config.spot.rebalance_checkpoint:
-                    self._early_save = True
-
-    def _stop_code(self) -> float:
-        self._poll_spot()
-        code = _STOP if self._stop else (_EARLY_SAVE if self._early_save else _CONTINUE)
-        return distributed.all_reduce_max(code, self.dist)
-
     # ----------------------------------------------------------------- records
     def _record_event(self, kind: str, **fields: Any) -> None:
         if self.records is not None:
@@ -313,8 +213,9 @@ class Trainer:
             log.warning("uploading run records failed: %s", error)
 
     # ----------------------------------------------------------------- steps
-    def _train_step(self) -> float | None:
-        """One optimizer step over grad_accum micro-batches; None if abandoned for a near deadline."""
+    def _train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches. Whether to take it at all was decided
+        at the boundary, by every rank together: a step once begun is finished."""
         cfg = self.config.train
         self.model.train()
         x, y = self.sampler.next_batch()
@@ -323,9 +224,6 @@ class Trainer:
         xs, ys = x.chunk(micro), y.chunk(micro)
         total = 0.0
         for i, (mx, my) in enumerate(zip(xs, ys)):
-            if self._deadline_near():
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
             last = i == micro - 1
             sync = nullcontext() if last or not isinstance(self.model, DDP) else self.model.no_sync()
             with sync, self.amp:
@@ -339,13 +237,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return total
-
-    def _deadline_near(self) -> bool:
-        """True when finishing this step would leave too little time to make the state durable."""
-        if self._stop is None:
-            return False
-        margin = max(5.0, 2 * self._last_save_seconds)
-        return time.monotonic() > self._stop.deadline - margin
 
     @torch.no_grad()
     def _evaluate(self) -> float:
@@ -361,34 +252,39 @@ class Trainer:
             losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item())
         return float(np.mean(losses))
 
-    def _save(self, blocking: bool = False, upload_records: bool = True) -> None:
-        start = time.monotonic()
+    def _save(self) -> None:
+        """Checkpoint the current step; every rank calls it at the same boundary (a collective)."""
+        self.state.capture_rng(self.dist)
+        self._hand_off()
+
+    def _hand_off(self, blocking: bool = False, upload_records: bool = True) -> None:
+        """Give the captured state to the checkpoint manager (rank 0 writes, others return)."""
+        self._saved_step = self.state.step
         self.checkpoints.save(self.state.step, self.state.tokens_seen, self._app_state())
         if blocking or not self.config.checkpoint.async_save:
             self.checkpoints.flush()
-            self._last_save_seconds = time.monotonic() - start
             self._after_commit(upload_records)
 
     def _after_commit(self, upload_records: bool = True) -> None:
-        """Record a new commit in the run's events; upload the records with it unless the caller
-        (an ending, which uploads them once after its exit record) says not to."""
+        """Record a new commit in the run's events, and how long it took as the next estimate of
+        a save (async commits too); upload the records with it unless the caller (an ending,
+        which uploads them once after its exit record) says not to."""
         commit = self.checkpoints.last_commit
         if commit is not None and commit.step != getattr(self, "_recorded_commit", None):
             self._recorded_commit = commit.step
-            self._record_event("checkpoint", checkpoint_step=commit.step,
-                               seconds=round(getattr(commit, "seconds", self._last_save_seconds), 3))
+            self.stopping.note_commit(commit.seconds)
+            self._record_event("checkpoint", checkpoint_step=commit.step, seconds=round(commit.seconds, 3))
             if upload_records:
                 self._upload_records()
 
     # ----------------------------------------------------------------- run
     def run(self) -> TrainResult:
         self._setup()
-        previous_handlers = self._install_signal_handlers()
+        self.stopping.install_signals()
         try:
             return self._run()
         finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            self.stopping.restore_signals()
             if getattr(self, "watcher", None) is not None:
                 self.watcher.stop()
             if getattr(self, "ledger", None) is not None:
@@ -411,6 +307,7 @@ class Trainer:
         self.watcher = make_watcher(cfg.spot.imds_url, cfg.spot.poll_seconds) if self.dist.local_rank == 0 else None
         if self.watcher is not None:
             self.watcher.start()
+        self.stopping.watcher = self.watcher
         sinks: list[Any] = []
         if self.dist.is_main and cfg.logging.tensorboard:
             sinks.append(TensorBoardSink(self.run_dir / "tensorboard" / self.segment))
@@ -441,8 +338,10 @@ class Trainer:
         # Earlier segments' cost is first needed at the first metrics line: read it meanwhile.
         self._prior_cost_reader = threading.Thread(target=self._read_prior_cost, name="prior-cost", daemon=True)
         self._prior_cost_reader.start()
+        first_step = self.state.step
+        clock = self.control.ledger_clock(lambda: self.state.step - first_step)
         return Ledger.start(self.records.dir / LEDGER, itype, az, lifecycle, region, price, on_demand,
-                            tokens_at_start=self.state.tokens_seen)
+                            tokens_at_start=self.state.tokens_seen, clock=clock)
 
     def _read_prior_cost(self) -> None:
         try:
@@ -486,23 +385,23 @@ class Trainer:
             log.info("training from step %d, %.1fs after the process started", self.state.step, ready_after)
         startup.resume_gc()
         log.info("config %s", cfg.to_dict())
-        start_step = self.state.step
+        start_step = self._saved_step = self.state.step  # a restored step is saved; step 0 needs none
         started = time.monotonic()
         window_start, window_tokens = started, 0
         loss = val_loss = None
         tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         while self.state.step < cfg.train.max_steps:
-            code = self._stop_code()
-            if code >= _STOP:
-                return self._preempt(resumed_from, started)
-            if code >= _EARLY_SAVE:
-                self._early_save = False
-                if self.checkpoints.last_commit is None or self.checkpoints.last_commit.step < self.state.step:
+            decision = self.stopping.boundary(self.state.step, self._saved_step,
+                                              self.checkpoints.should_save(self.state.step))
+            if decision.action == PREEMPT:
+                return self._preempt(decision, resumed_from, started)
+            if decision.action == BUDGET:
+                return self._stop_for_budget(resumed_from, started)
+            if decision.save:
+                if decision.early:
                     self._record_event("early_checkpoint", reason="rebalance")
-                    self._save()
+                self._save()
             loss = self._train_step()
-            if loss is None:  # abandoned: the deadline is near
-                return self._preempt(resumed_from, started)
             self.state.step += 1
             self.state.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
@@ -513,7 +412,7 @@ class Trainer:
                 tps = window_tokens / max(now - window_start, 1e-9)
                 window_start, window_tokens = now, 0
                 values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
-                          "step": step, "interruptions": self._interruptions}
+                          "step": step, "interruptions": self.stopping.interruptions}
                 if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                     val_loss = self._evaluate()
                     values["val_loss"] = val_loss
@@ -522,15 +421,23 @@ class Trainer:
                 self._log_metrics(values, time.monotonic() - started)  # the evaluation included
                 self.on_progress({"step": step, "max_steps": cfg.train.max_steps, "loss": loss,
                                   "val_loss": val_loss, "tokens_per_s": tps, "start_step": start_step})
-                if self._over_budget(values):
-                    return self._stop_for_budget(resumed_from, started, values["cost_usd"])
+                limit = cfg.train.max_cost_usd
+                if limit is not None and values.get("cost_usd", 0.0) > limit:
+                    self.stopping.request_budget(values["cost_usd"])  # the next boundary stops
             else:
                 self.on_progress({"step": step, "max_steps": cfg.train.max_steps, "loss": loss,
                                   "start_step": start_step})
-            if self.checkpoints.should_save(step):
-                self._save()
             self._after_commit()
+            self._hold(step)
         return self._finish(resumed_from, started, val_loss)
+
+    def _hold(self, step: int) -> None:
+        """The rehearsal/test hook (train/control.py): wait at a chosen step for a release or a cause."""
+        self.control.hold(
+            step, writes=self.dist.local_rank == 0,
+            pending=lambda: self.stopping.poll() > 0 or self.stopping.pending(),
+            agree=lambda leave: distributed.all_reduce_max(1.0 if leave else 0.0, self.dist) > 0,
+        )
 
     def _log_metrics(self, values: dict[str, Any], elapsed: float) -> None:
         if self.records is None:
@@ -538,15 +445,15 @@ class Trainer:
         self.records.metric(tokens=self.state.tokens_seen, elapsed_s=round(elapsed, 3), **values)
         self.sinks.write(self.state.step, values)
 
-    def _over_budget(self, values: dict[str, Any]) -> bool:
-        limit = self.config.train.max_cost_usd
-        over = limit is not None and values.get("cost_usd", 0.0) > limit
-        return distributed.all_reduce_max(1.0 if over else 0.0, self.dist) > 0
-
     # ----------------------------------------------------------------- endings
-    def _commit_now(self, deadline: float | None = None) -> int | None:
-        """Flush the in-flight save, then save the current step unless it is already committed.
+    def _commit_now(self, deadline: float | None = None, fits: bool = True) -> int | None:
+        """Every rank: hand the RNG states to rank 0. Rank 0: flush the in-flight save, then save
+        the current step unless it is already committed or the save would not be durable before
+        `deadline`. Returns the newest committed step (None on other ranks, which write nothing).
         The caller uploads the run's records afterwards, once, with its exit record."""
+        self.state.capture_rng(self.dist)
+        if not self.dist.is_main:
+            return None
         self.checkpoints.flush()
         self._after_commit(upload_records=False)
         committed = self.checkpoints.last_commit
@@ -554,29 +461,31 @@ class Trainer:
             return committed.step
         if deadline is not None:
             left = deadline - time.monotonic()
-            if self._last_save_seconds > left:
-                log.warning(
-                    "estimated checkpoint time %.1fs exceeds the %.1fs left before the deadline: "
-                    "step %s stays authoritative", self._last_save_seconds, left,
-                    committed.step if committed else "none",
-                )
+            estimate = self.stopping.save_seconds
+            if not (fits and save_fits(left, estimate)):
+                log.warning("estimated checkpoint time %.1fs exceeds the %.1fs left before the deadline: "
+                            "step %s stays authoritative", estimate, left, committed.step if committed else "none")
                 return committed.step if committed else None
-        self._save(blocking=True, upload_records=False)
+        self._hand_off(blocking=True, upload_records=False)
         return self.state.step
 
-    def _preempt(self, resumed_from: int | None, started: float) -> TrainResult:
-        stop = self._stop or _StopRequest("signal:peer", time.monotonic(), time.monotonic() + self.config.spot.grace_seconds)
+    def _preempt(self, decision: Decision, resumed_from: int | None, started: float) -> TrainResult:
+        stop = self.stopping.stop_request(decision)
         log.warning("stopping at step %d: %s; committing an emergency checkpoint", self.state.step, stop.reason)
         t0 = time.monotonic()
-        committed = self._commit_now(stop.deadline)
+        committed = self._commit_now(stop.deadline, fits=decision.commit)
         durable = time.monotonic()
-        lost = self.state.step - (committed or 0)
         notice_to_durable = durable - stop.received
-        log.warning("durable at step %s in %.2fs (%.2fs after the notice); %d steps lost",
-                    committed, durable - t0, notice_to_durable, lost)
-        self._record_event("exit", reason=stop.reason, exit_code=EXIT_PREEMPTED, committed_step=committed,
-                           notice_to_durable_s=round(notice_to_durable, 3), lost_steps=lost)
-        self._upload_records()
+        lost = self.state.step - (committed or 0)
+        if self.dist.is_main:
+            log.warning("durable at step %s in %.2fs (%.2fs after the notice); %d steps lost",
+                        committed, durable - t0, notice_to_durable, lost)
+            self._record_event("exit", reason=stop.reason, exit_code=EXIT_PREEMPTED, committed_step=committed,
+                               notice_to_durable_s=round(notice_to_durable, 3), lost_steps=lost)
+            self._upload_records()
+        # No rank leaves before rank 0 has made the checkpoint durable: a launcher that sees one
+        # worker exit may kill the others, rank 0's upload with them.
+        distributed.barrier(self.dist)
         result = self._result("preempted", resumed_from, started)
         result.reason, result.notice_to_durable_s, result.lost_steps = stop.reason, notice_to_durable, lost
         raise Preempted(
@@ -584,16 +493,19 @@ class Trainer:
             f"in {self.config.checkpoint.store} ({notice_to_durable:.1f}s after the notice); resume elsewhere"
         )
 
-    def _stop_for_budget(self, resumed_from: int | None, started: float, cost: float) -> TrainResult:
-        log.warning("cost $%.4f exceeds train.max_cost_usd $%.4f: stopping with a checkpoint",
-                    cost, self.config.train.max_cost_usd)
+    def _stop_for_budget(self, resumed_from: int | None, started: float) -> TrainResult:
+        cost = self.stopping.budget_cost  # known on rank 0, whose ledger counts the cost
+        log.warning("cost $%s exceeds train.max_cost_usd $%.4f: stopping with a checkpoint",
+                    f"{cost:.4f}" if cost is not None else "?", self.config.train.max_cost_usd)
         committed = self._commit_now()
-        self._record_event("budget", cost_usd=round(cost, 6), limit_usd=self.config.train.max_cost_usd,
-                           committed_step=committed)
-        self._record_event("exit", reason="budget", exit_code=0, committed_step=committed, lost_steps=0)
-        self._upload_records()
+        if self.dist.is_main:
+            self._record_event("budget", cost_usd=round(cost or 0.0, 6), limit_usd=self.config.train.max_cost_usd,
+                               committed_step=committed)
+            self._record_event("exit", reason="budget", exit_code=0, committed_step=committed, lost_steps=0)
+            self._upload_records()
+        distributed.barrier(self.dist)
         result = self._result("budget", resumed_from, started)
-        result.reason = f"cost ${cost:.4f} exceeded train.max_cost_usd ${self.config.train.max_cost_usd}"
+        result.reason = f"cost ${cost or 0.0:.4f} exceeded train.max_cost_usd ${self.config.train.max_cost_usd}"
         return result
 
     def _finish(self, resumed_from: int | None, started: float, val_loss: float | None) -> TrainResult:
