@@ -79,6 +79,7 @@ class Agent:
         self.holder = f"{socket.gethostname()}/{os.getpid()}"
         self._stop = threading.Event()  # SIGTERM
         self._reclaim: Interruption | LifecycleTerminating | None = None
+        self._child_preempted = False  # a run exited 75 without being told to
 
     # ------------------------------------------------------------------ entry
     def run(self) -> str:
@@ -179,19 +180,28 @@ class Agent:
             self._quietly(lambda: asg.set_protection(self.group, self.instance_id, True), "setting protection")
         with open(log_path, "wb") as out:
             child = subprocess.Popen(command, cwd=self.options.workdir, stdout=out, stderr=subprocess.STDOUT)
-        code, lost = self._watch(job, child, etag)
+        code, lost, signalled = self._watch(job, child, etag)
         self._quietly(lambda: self.jobs.put_log(job.id, job.runs, log_path.read_bytes()), "uploading the log")
+        final = None
         if lost is None:
-            self._finish(job.id, code)
+            final = self._finish(job.id, code)
         else:
             log.warning("job %s: %s; its run was stopped and the job left to its new holder", job.id, lost)
         if self.group:
             self._quietly(lambda: asg.set_protection(self.group, self.instance_id, False), "clearing protection")
-        if self._reclaim is not None or self._stop.is_set():
-            self._leave_reclaimed(job.id)
+        if code == policy.EXIT_PREEMPTED and not signalled:
+            # The trainer stopped on its own IMDS watcher (it polls more often than we do): this
+            # instance is going away, so take no other job; look once more for what it saw.
+            self._child_preempted = True
+            if self.watcher is not None:
+                self.watcher.check_once()
+            self._check_reclaim()
+        if self._reclaim is not None or self._child_preempted or self._stop.is_set():
+            self._leave_reclaimed(job.id, final.state if final is not None else "left to its new holder")
 
-    def _watch(self, job: JobState, child: subprocess.Popen, etag: str) -> tuple[int, str | None]:
-        """Wait for the child, renewing the lease; (exit code, None) or (-9, why the lease was lost)."""
+    def _watch(self, job: JobState, child: subprocess.Popen, etag: str) -> tuple[int, str | None, bool]:
+        """Wait for the child, renewing the lease: (exit code, None, whether we sent it SIGTERM), or
+        (-9, why the lease was lost, ...)."""
         self._etag = etag
         expires = time.time() + self.options.lease_seconds
         renewed = time.monotonic()
@@ -199,13 +209,13 @@ class Agent:
         while True:
             code = child.poll()
             if code is not None:
-                return code, None
+                return code, None, signalled
             if time.time() >= expires:
                 # We were frozen past our own lease (SIGSTOP, a paused VM): another agent may run the
                 # job already, so the child dies before anything else happens.
                 child.kill()
                 child.wait()
-                return -9, self._after_expiry(job.id)
+                return -9, self._after_expiry(job.id), signalled
             if time.monotonic() - renewed >= self.options.lease_seconds / 3:
                 try:
                     self._etag = self.jobs.renew(job.id, self.holder, self._etag, self.options.lease_seconds)
@@ -218,7 +228,7 @@ class Agent:
                 except LeaseLost as error:
                     child.kill()
                     child.wait()
-                    return -9, str(error)
+                    return -9, str(error), signalled
                 except MambaTrainingError as error:  # S3 or the network hiccuped: try again next tick
                     log.warning("job %s: lease renewal failed (%s); retrying", job.id, error)
             self._check_reclaim()
@@ -247,7 +257,7 @@ class Agent:
             return None
         return pointer["step"] if pointer else None
 
-    def _finish(self, job_id: str, code: int) -> None:
+    def _finish(self, job_id: str, code: int) -> JobState:
         step = self._committed_step(job_id)
         now = time.time()
 
@@ -262,6 +272,7 @@ class Agent:
         self._release(job_id, self._etag)
         if final.state == "queued" and final.holder is None:
             self._quietly(lambda: self.queue.send(job_id), f"re-enqueueing job {job_id}")
+        return final
 
     def _release(self, job_id: str, etag: str) -> None:
         try:
@@ -278,11 +289,12 @@ class Agent:
                 self._reclaim = event
                 log.warning("instance %s is being reclaimed (%s)", self.instance_id, type(event).__name__)
 
-    def _leave_reclaimed(self, job_id: str | None) -> None:
+    def _leave_reclaimed(self, job_id: str | None, job_state: str | None = None) -> None:
         if isinstance(self._reclaim, LifecycleTerminating) and self.group:
             self._quietly(lambda: asg.complete_termination(self.group, self.instance_id), "completing the lifecycle action")
-        what = f"job {job_id} returned to the queue" if job_id else "no job was running"
-        why = "SIGTERM" if self._reclaim is None else f"instance {self.instance_id} reclaimed"
+        what = f"job {job_id} {job_state}" if job_id else "no job was running"
+        why = "SIGTERM" if self._reclaim is None and not self._child_preempted else \
+            f"instance {self.instance_id or 'here'} reclaimed"
         raise Preempted(f"agent stopped ({why}): {what}")
 
     def _install_signals(self) -> dict[int, object]:
