@@ -23,10 +23,18 @@ def test_one_node_runs_train_on_the_jobs_own_store_and_the_agents_imds() -> None
 
 
 def test_several_nodes_run_launch_at_the_coordinator() -> None:
-    command = training_command("py", Path("/w/c.yaml"), spec(3), "auto", Path("/w/c"), coordinator="10.0.0.5:29400")
-    assert command[:10] == ["py", "-m", "mamba_training", "launch", "--coordinator", "10.0.0.5:29400",
-                            "--nnodes", "3:3", "--run-id", "job-1"]
-    assert command[10] == "--" and command[11:13] == ["-c", "/w/c.yaml"]
+    command = training_command("py", Path("/w/c.yaml"), spec(3), "auto", Path("/w/c"), coordinator="10.0.0.5:29400",
+                               nproc_per_node=4)
+    assert command[:12] == ["py", "-m", "mamba_training", "launch", "--coordinator", "10.0.0.5:29400",
+                            "--nnodes", "3:3", "--nproc-per-node", "4", "--run-id", "job-1"]
+    assert command[12] == "--" and command[13:15] == ["-c", "/w/c.yaml"]
+
+
+def test_one_node_with_several_gpus_runs_torchrun_standalone() -> None:
+    command = training_command("py", Path("/w/c.yaml"), spec(1), "auto", Path("/w/c"), nproc_per_node=8)
+    assert command[:7] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8", "-m",
+                           "mamba_training"]
+    assert command[7] == "train"
 
 
 def test_several_nodes_without_a_coordinator_is_an_error() -> None:

@@ -243,3 +243,15 @@ def test_reconcile_needs_a_group(endpoints, capsys, monkeypatch):
     code, _, err = cli(capsys, "reconcile", "--once", "--group", "no-such-asg")
     assert code == 1
     assert_one_line_error(err, "no-such-asg")
+
+
+def test_node_slots_of_a_multi_node_job_are_claimed_once_each(endpoints, capsys):
+    _, store = endpoints
+    job = submit(capsys, "--nodes", "3")["id"]
+    jobs = JobsStore(store)
+    claims = [jobs.claim_slot(job, 3, f"agent-{i}", 60) for i in range(4)]
+    assert [c[0] if c else None for c in claims] == [0, 1, 2, None]  # a fourth agent gets nothing
+    assert jobs.free_slots(job, 3) == []
+    jobs.release(job, "agent-1", claims[1][1], slot=1)
+    assert jobs.free_slots(job, 3) == [1]
+    assert jobs.claim_slot(job, 3, "agent-4", 60)[0] == 1

@@ -133,3 +133,69 @@ run "p3_needs_own_ami" {
 
   expect_failures = [aws_launch_template.training]
 }
+
+run "weekend_schedule_keeps_unset_fields" {
+  command = plan
+
+  variables {
+    schedules = [
+      { name = "weekend-off", recurrence = "0 0 * * 6", min_size = 0, max_size = 0, desired_capacity = 0 },
+      { name = "weekday-on", recurrence = "0 6 * * 1", max_size = 4 },
+    ]
+  }
+
+  assert {
+    condition     = aws_autoscaling_schedule.training["weekday-on"].min_size == -1 && aws_autoscaling_schedule.training["weekday-on"].desired_capacity == -1
+    error_message = "Fields a schedule leaves out must be -1 (unchanged), not 0."
+  }
+
+  assert {
+    condition     = aws_autoscaling_schedule.training["weekend-off"].max_size == 0
+    error_message = "The weekend schedule empties the group."
+  }
+
+  assert {
+    condition     = aws_autoscaling_lifecycle_hook.terminating.lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING"
+    error_message = "A termination lifecycle hook must exist."
+  }
+}
+
+run "schedule_with_bad_cron" {
+  command = plan
+
+  variables {
+    schedules = [{ name = "x", recurrence = "0 0 * *", max_size = 0 }]
+  }
+
+  expect_failures = [var.schedules]
+}
+
+run "schedule_that_sets_nothing" {
+  command = plan
+
+  variables {
+    schedules = [{ name = "x", recurrence = "0 0 * * 6" }]
+  }
+
+  expect_failures = [var.schedules]
+}
+
+run "hook_heartbeat_out_of_range" {
+  command = plan
+
+  variables {
+    termination_hook_heartbeat_seconds = 10
+  }
+
+  expect_failures = [var.termination_hook_heartbeat_seconds]
+}
+
+run "bad_jobs_prefix" {
+  command = plan
+
+  variables {
+    jobs_prefix = "jobs/nested"
+  }
+
+  expect_failures = [var.jobs_prefix]
+}
