@@ -252,3 +252,23 @@ def test_a_lease_that_expired_while_its_holder_was_frozen_is_not_run_twice(setup
     # One charged attempt: the frozen run was given back (holder lost), the second one was cancelled.
     assert (final.attempts, final.runs, final.preemptions) == (1, 2, 1), final
     assert first.proc.returncode in (0, 75) and second.proc.returncode in (0, 75)
+
+
+def test_a_lifecycle_termination_returns_the_job_after_its_checkpoint(setup):
+    env, jobs, workdir = setup
+    make_fleet(desired=1, max_size=1)
+    job = submit(env, "--set", "train.max_steps=1000000", "--name", "scaled-in")
+    instance = LocalFleet(workdir, env).in_group()[0]
+    with ImdsEmulator(port=0, instance_id=instance) as imds:
+        agent = AgentProcess("lifecycle", workdir, env, imds.url)
+        try:
+            run_store = jobs.spec(job).run_store
+            wait_for("a checkpoint", lambda: committed_step(run_store) >= 10)
+            imds.set_lifecycle("Terminated")
+            assert agent.proc.wait(TIMEOUT) == 75, agent.output()
+        finally:
+            agent.stop()
+    state = jobs.state(job)[0]
+    assert (state.state, state.attempts, state.preemptions, state.holder) == ("queued", 0, 1, None), state
+    assert state.step is not None and state.step == committed_step(run_store) and state.step >= 10
+    assert "reclaimed" in agent.output() and "lifecycle" in agent.output().lower()

@@ -199,3 +199,46 @@ run "bad_jobs_prefix" {
 
   expect_failures = [var.jobs_prefix]
 }
+
+run "instances_run_the_agent_with_the_jobs_environment" {
+  command = plan
+
+  # The queue URL and the bucket name in the user data are known only after apply otherwise.
+  override_resource {
+    target          = aws_sqs_queue.jobs
+    override_during = plan
+    values = {
+      url = "https://sqs.us-east-1.amazonaws.com/123456789012/mamba-training-dev-training-jobs"
+      arn = "arn:aws:sqs:us-east-1:123456789012:mamba-training-dev-training-jobs"
+    }
+  }
+
+  override_resource {
+    target          = aws_s3_bucket.checkpoints
+    override_during = plan
+    values = {
+      id  = "mamba-training-dev-ckpt-test"
+      arn = "arn:aws:s3:::mamba-training-dev-ckpt-test"
+    }
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.training.user_data), "ExecStart=/opt/mamba-training/venv/bin/mamba-training agent")
+    error_message = "The service must run the job agent."
+  }
+
+  assert {
+    condition     = alltrue([for key in ["MAMBA_QUEUE_URL=", "MAMBA_JOBS_STORE=s3://", "MAMBA_ASG_NAME=mamba-training-dev-training-asg"] : strcontains(base64decode(aws_launch_template.training.user_data), key)])
+    error_message = "Every instance's environment file must name the queue, the jobs store and the group."
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.training.user_data), ".mamba-baked")
+    error_message = "The user data must detect a baked image."
+  }
+
+  assert {
+    condition     = aws_cloudwatch_metric_alarm.queue_backlog.comparison_operator == "GreaterThanOrEqualToThreshold" && aws_cloudwatch_metric_alarm.queue_backlog.threshold == 1
+    error_message = "A step alarm on queue depth is the backup scale-out."
+  }
+}

@@ -127,7 +127,12 @@ class Agent:
                 self._leave_reclaimed(None)
             if self._stop.is_set():
                 return "stopped by SIGTERM while idle"
-            taken = self._take()
+            try:
+                taken = self._take()
+            except MambaTrainingError as error:  # S3 or SQS hiccuped: the queue was fine at start
+                log.warning("taking a job failed (%s); retrying", error)
+                self._stop.wait(min(5.0, self.options.idle_seconds or 5.0))
+                continue
             if taken is not None:
                 self._run(*taken)
                 idle_since = time.monotonic()
