@@ -67,3 +67,45 @@ resource "aws_autoscaling_group" "training" {
     }
   }
 }
+
+################################################################################
+# Jobs: termination hook, schedules, backup scale-out on queue depth (docs/jobs.md)
+################################################################################
+
+# A terminating instance (scale-in, rebalance) waits in Terminating:Wait until its agent has
+# returned its job after the trainer's emergency checkpoint and completes the action (or the
+# heartbeat runs out). Spot interruptions do not wait for hooks: the two-minute notice is all.
+resource "aws_autoscaling_lifecycle_hook" "terminating" {
+  name                   = "${local.name}-terminating"
+  autoscaling_group_name = aws_autoscaling_group.training.name
+  lifecycle_transition   = "autoscaling:EC2_INSTANCE_TERMINATING"
+  heartbeat_timeout      = var.termination_hook_heartbeat_seconds
+  default_result         = "CONTINUE"
+}
+
+# -1 leaves a field as it is (the provider's default of 0 would empty the group).
+resource "aws_autoscaling_schedule" "training" {
+  for_each = { for s in var.schedules : s.name => s }
+
+  scheduled_action_name  = "${local.name}-${each.key}"
+  autoscaling_group_name = aws_autoscaling_group.training.name
+  recurrence             = each.value.recurrence
+  time_zone              = each.value.time_zone
+  min_size               = each.value.min_size
+  max_size               = each.value.max_size
+  desired_capacity       = each.value.desired_capacity
+}
+
+# The reconciler sets desired capacity itself; this policy is the backup that starts one instance
+# when jobs wait and nothing reconciles (a fleet at zero runs no reconciler timer).
+resource "aws_autoscaling_policy" "queue_backlog" {
+  name                   = "${local.name}-queue-backlog"
+  autoscaling_group_name = aws_autoscaling_group.training.name
+  policy_type            = "StepScaling"
+  adjustment_type        = "ChangeInCapacity"
+
+  step_adjustment {
+    metric_interval_lower_bound = 0
+    scaling_adjustment          = 1
+  }
+}

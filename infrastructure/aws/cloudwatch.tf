@@ -82,3 +82,20 @@ resource "aws_cloudwatch_dashboard" "training" {
   dashboard_name = "${local.name}-training"
   dashboard_body = jsonencode({ widgets = local.dashboard_widgets })
 }
+
+# Backup scale-out from zero on queue depth (the reconciler is the primary path: a
+# backlog-per-instance metric has no data point at zero instances, plain depth does).
+resource "aws_cloudwatch_metric_alarm" "queue_backlog" {
+  alarm_name          = "${local.name}-queue-backlog"
+  alarm_description   = "Jobs wait in ${aws_sqs_queue.jobs.name}: add a training instance."
+  namespace           = "AWS/SQS"
+  metric_name         = "ApproximateNumberOfMessagesVisible"
+  dimensions          = { QueueName = aws_sqs_queue.jobs.name }
+  statistic           = "Maximum"
+  period              = 60
+  evaluation_periods  = 2
+  threshold           = var.queue_scale_out_messages
+  comparison_operator = "GreaterThanOrEqualToThreshold"
+  treat_missing_data  = "notBreaching"
+  alarm_actions       = [aws_autoscaling_policy.queue_backlog.arn]
+}

@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 
 TERRAFORM="${TERRAFORM:-terraform}"
 ENVIRONMENTS=(dev prod)
-COMMANDS=(deploy init plan apply outputs destroy validate fmt)
+COMMANDS=(deploy init plan apply outputs destroy validate fmt bake-ami)
 
 usage() {
   cat <<USAGE
@@ -23,6 +23,9 @@ commands:
   destroy    delete the stack (asks first unless --yes)
   validate   check the configuration
   fmt        format the Terraform files
+  bake-ami   build an AMI with everything installed from the deployed stack's launch template
+             (a builder instance runs the user data, powers off, is imaged, then terminated);
+             set ami_id to the printed id and deploy again
 
 options:
   -e, --env ENV        environment: ${ENVIRONMENTS[*]} (default dev)
@@ -151,5 +154,32 @@ case "${COMMAND}" in
     confirm "Destroy ${ENVIRONMENT} in ${REGION}, checkpoint bucket included?"
     tf_init >/dev/null
     "${TERRAFORM}" destroy -input=false -auto-approve "${VARS[@]}"
+    ;;
+  bake-ami)
+    require_credentials
+    command -v aws >/dev/null 2>&1 || die "the AWS CLI is needed for bake-ami (https://aws.amazon.com/cli/)"
+    tf_init >/dev/null
+    template="$("${TERRAFORM}" output -raw launch_template_id)"
+    group="$("${TERRAFORM}" output -raw autoscaling_group_name)"
+    security_group="$("${TERRAFORM}" output -raw security_group_id)"
+    subnet="$(aws autoscaling describe-auto-scaling-groups --region "${REGION}" --auto-scaling-group-names "${group}" \
+      --query 'AutoScalingGroups[0].VPCZoneIdentifier' --output text | cut -d, -f1)"
+    [ -n "${subnet}" ] && [ "${subnet}" != "None" ] || die "group ${group} not found: deploy the stack first"
+    confirm "Launch an on-demand builder instance from ${template} to bake an AMI?"
+    builder="$(aws ec2 run-instances --region "${REGION}" --launch-template "LaunchTemplateId=${template},Version=\$Latest" \
+      --network-interfaces "DeviceIndex=0,SubnetId=${subnet},Groups=${security_group},AssociatePublicIpAddress=true,DeleteOnTermination=true" \
+      --tag-specifications "ResourceType=instance,Tags=[{Key=MambaBake,Value=true},{Key=Name,Value=${group}-bake}]" \
+      --query 'Instances[0].InstanceId' --output text)"
+    trap 'aws ec2 terminate-instances --region "${REGION}" --instance-ids "${builder}" >/dev/null' EXIT
+    echo "deploy.sh: builder ${builder} installing; it powers off when done" >&2
+    for _ in 1 2 3 4; do  # each wait gives up after 10 minutes; an install takes 5-15
+      aws ec2 wait instance-stopped --region "${REGION}" --instance-ids "${builder}" && break
+    done
+    image="$(aws ec2 create-image --region "${REGION}" --instance-id "${builder}" \
+      --name "${group}-baked-$(date -u +%Y%m%d-%H%M%S)" --query ImageId --output text)"
+    for _ in 1 2 3 4; do
+      aws ec2 wait image-available --region "${REGION}" --image-ids "${image}" && break
+    done
+    echo "baked ${image}: set ami_id = \"${image}\" in ${VAR_FILE} (or terraform.tfvars) and run ./deploy.sh deploy"
     ;;
 esac

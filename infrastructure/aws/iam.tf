@@ -26,7 +26,7 @@ resource "aws_iam_instance_profile" "instance" {
 
 data "aws_iam_policy_document" "instance" {
   #checkov:skip=CKV_AWS_111:The only unconstrained writes are PutMetricData (namespace condition), Session Manager channels and SSM instance info, which have no resource-level permissions.
-  #checkov:skip=CKV_AWS_356:"*" appears only for actions without resource-level permissions (PutMetricData, ec2:Describe*, Session Manager).
+  #checkov:skip=CKV_AWS_356:"*" appears only for actions without resource-level permissions (PutMetricData, ec2:Describe*, autoscaling:Describe*, Session Manager).
   statement {
     sid       = "ListRunPrefix"
     actions   = ["s3:ListBucket"]
@@ -125,6 +125,57 @@ data "aws_iam_policy_document" "instance" {
       "sqs:SendMessage",
     ]
     resources = [aws_sqs_queue.jobs.arn]
+  }
+
+  # The jobs store: specs, states, leases, logs, and the runs of jobs (docs/jobs.md).
+  statement {
+    sid       = "ListJobsPrefix"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.checkpoints.arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["${var.jobs_prefix}/*", var.jobs_prefix]
+    }
+  }
+
+  statement {
+    sid = "ReadWriteJobsPrefix"
+    actions = [
+      "s3:GetObject",
+      "s3:PutObject",
+      "s3:DeleteObject",
+      "s3:AbortMultipartUpload",
+      "s3:ListMultipartUploadParts",
+    ]
+    resources = ["${aws_s3_bucket.checkpoints.arn}/${var.jobs_prefix}/*"]
+  }
+
+  # The agent: protection while busy, leaving when idle, completing the termination hook; the
+  # reconciler timer: desired capacity. Only on this stack's group.
+  statement {
+    sid = "OwnGroupCapacity"
+    actions = [
+      "autoscaling:SetDesiredCapacity",
+      "autoscaling:SetInstanceProtection",
+      "autoscaling:TerminateInstanceInAutoScalingGroup",
+      "autoscaling:CompleteLifecycleAction",
+      "autoscaling:RecordLifecycleActionHeartbeat",
+    ]
+    resources = [aws_autoscaling_group.training.arn]
+  }
+
+  # Describe calls have no resource-level permissions.
+  statement {
+    sid = "DescribeGroups"
+    actions = [
+      "autoscaling:DescribeAutoScalingGroups",
+      "autoscaling:DescribeAutoScalingInstances",
+      "autoscaling:DescribeLifecycleHooks",
+      "autoscaling:DescribeScheduledActions",
+    ]
+    resources = ["*"]
   }
 
   dynamic "statement" {

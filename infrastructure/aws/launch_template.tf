@@ -21,6 +21,9 @@ locals {
     "AWS_REGION=${var.region}",
     "AWS_DEFAULT_REGION=${var.region}",
     "MAMBA_RUN_STORE=${local.run_store}",
+    "MAMBA_QUEUE_URL=${aws_sqs_queue.jobs.url}",
+    "MAMBA_JOBS_STORE=s3://${aws_s3_bucket.checkpoints.id}/${var.jobs_prefix}",
+    "MAMBA_ASG_NAME=${local.asg_name}",
     "MAMBA_LOG_DIR=${local.log_dir}",
     "MAMBA_VENV=${local.app_dir}/venv",
     "PYTHONUNBUFFERED=1",
@@ -32,6 +35,19 @@ locals {
     app_dir              = local.app_dir
     log_dir              = local.log_dir
     stop_timeout_seconds = local.stop_timeout_seconds
+    idle_seconds         = var.agent_idle_seconds
+    lease_seconds        = var.agent_lease_seconds
+  })
+
+  reconcile_service = templatefile("${path.module}/files/mamba-reconcile.service.tftpl", {
+    name    = local.name
+    user    = "mamba"
+    app_dir = local.app_dir
+    log_dir = local.log_dir
+  })
+  reconcile_timer = templatefile("${path.module}/files/mamba-reconcile.timer.tftpl", {
+    name             = local.name
+    interval_seconds = var.reconcile_interval_seconds
   })
 
   cloudwatch_agent_json = templatefile("${path.module}/files/cloudwatch-agent.json.tftpl", {
@@ -52,6 +68,8 @@ locals {
     start_training_sh     = chomp(file("${path.module}/files/start_training.sh"))
     check_status_sh       = chomp(file("${path.module}/files/check_status.sh"))
     service_unit          = chomp(local.service_unit)
+    reconcile_service     = chomp(local.reconcile_service)
+    reconcile_timer       = chomp(local.reconcile_timer)
     cloudwatch_agent_json = local.cloudwatch_agent_json
     torch_version         = var.torch_version
     package_source        = local.package_source

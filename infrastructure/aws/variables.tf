@@ -426,3 +426,106 @@ variable "metrics_namespace" {
     error_message = "The metrics_namespace must be a custom CloudWatch namespace (not AWS/...)."
   }
 }
+
+################################################################################
+# Jobs: the queue-driven fleet (docs/jobs.md)
+################################################################################
+
+variable "jobs_prefix" {
+  description = "Key prefix of the jobs store in the checkpoint bucket (MAMBA_JOBS_STORE = s3://<bucket>/<jobs_prefix>)."
+  type        = string
+  default     = "jobs"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9._-]*$", var.jobs_prefix))
+    error_message = "The jobs_prefix must be one path segment of letters, digits, '.', '_' or '-'."
+  }
+}
+
+variable "agent_idle_seconds" {
+  description = "How long an agent waits without a job before it drops scale-in protection and terminates its instance (decrementing desired capacity)."
+  type        = number
+  default     = 600
+
+  validation {
+    condition     = var.agent_idle_seconds >= 0
+    error_message = "The agent_idle_seconds must be >= 0."
+  }
+}
+
+variable "agent_lease_seconds" {
+  description = "A job's lease in the jobs store, renewed every third of it while the job runs; a holder silent this long loses the job."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.agent_lease_seconds >= 30 && var.agent_lease_seconds <= 3600
+    error_message = "The agent_lease_seconds must be between 30 and 3600."
+  }
+}
+
+variable "reconcile_interval_seconds" {
+  description = "How often the reconciler (a systemd timer on every training instance) sets desired capacity from the jobs store."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.reconcile_interval_seconds >= 10
+    error_message = "The reconcile_interval_seconds must be at least 10."
+  }
+}
+
+variable "queue_scale_out_messages" {
+  description = "Backup scale-out: visible messages in the job queue (for 2 minutes) that add one instance. The reconciler is the primary path."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.queue_scale_out_messages >= 1
+    error_message = "The queue_scale_out_messages must be at least 1."
+  }
+}
+
+variable "termination_hook_heartbeat_seconds" {
+  description = "Lifecycle hook on termination: how long an instance may take to checkpoint and complete the action (30-7200)."
+  type        = number
+  default     = 300
+
+  validation {
+    condition     = var.termination_hook_heartbeat_seconds >= 30 && var.termination_hook_heartbeat_seconds <= 7200
+    error_message = "The termination_hook_heartbeat_seconds must be between 30 and 7200 (the range AWS accepts)."
+  }
+}
+
+variable "schedules" {
+  description = "Time-based capacity limits (aws_autoscaling_schedule). Fields left at -1 are not changed; e.g. no GPUs at weekends: [{ name = \"weekend-off\", recurrence = \"0 0 * * 6\", min_size = 0, max_size = 0, desired_capacity = 0 }, { name = \"weekday-on\", recurrence = \"0 6 * * 1\", max_size = 4 }]."
+  type = list(object({
+    name             = string
+    recurrence       = string
+    min_size         = optional(number, -1)
+    max_size         = optional(number, -1)
+    desired_capacity = optional(number, -1)
+    time_zone        = optional(string, "Etc/UTC")
+  }))
+  default = []
+
+  validation {
+    condition     = alltrue([for s in var.schedules : length(split(" ", trimspace(s.recurrence))) == 5])
+    error_message = "Each of the schedules needs a recurrence that is a five-field cron expression (minute hour day month weekday)."
+  }
+
+  validation {
+    condition     = alltrue([for s in var.schedules : s.min_size >= -1 && s.max_size >= -1 && s.desired_capacity >= -1])
+    error_message = "The schedules' sizes must be >= 0, or -1 to leave that field unchanged."
+  }
+
+  validation {
+    condition     = alltrue([for s in var.schedules : s.min_size >= 0 || s.max_size >= 0 || s.desired_capacity >= 0])
+    error_message = "Each of the schedules must set at least one of min_size, max_size or desired_capacity."
+  }
+
+  validation {
+    condition     = length(distinct([for s in var.schedules : s.name])) == length(var.schedules)
+    error_message = "The schedules' names must be unique."
+  }
+}

@@ -243,3 +243,31 @@ def test_reconcile_needs_a_group(endpoints, capsys, monkeypatch):
     code, _, err = cli(capsys, "reconcile", "--once", "--group", "no-such-asg")
     assert code == 1
     assert_one_line_error(err, "no-such-asg")
+
+
+def test_node_slots_of_a_multi_node_job_are_claimed_once_each(endpoints, capsys):
+    _, store = endpoints
+    job = submit(capsys, "--nodes", "3")["id"]
+    jobs = JobsStore(store)
+    claims = [jobs.claim_slot(job, 3, f"agent-{i}", 60) for i in range(4)]
+    assert [c[0] if c else None for c in claims] == [0, 1, 2, None]  # a fourth agent gets nothing
+    assert jobs.free_slots(job, 3) == []
+    jobs.release(job, "agent-1", claims[1][1], slot=1)
+    assert jobs.free_slots(job, 3) == [1]
+    assert jobs.claim_slot(job, 3, "agent-4", 60)[0] == 1
+
+
+def test_agent_bad_input_is_one_line(endpoints, capsys, aws):
+    code, _, err = cli(capsys, "agent", "--imds-url", "nonsense")
+    assert code == 2
+    assert_one_line_error(err, "--imds-url")
+    code, _, err = cli(capsys, "agent", "--imds-url", "off", "--queue", f"{aws}/123456789012/no-such-queue")
+    assert code == 1
+    assert_one_line_error(err, "no-such-queue", "does not exist")
+
+
+def test_an_idle_agent_outside_a_group_exits_when_told(endpoints, capsys, tmp_path):
+    code, _, err = cli(capsys, "agent", "--imds-url", "off", "--exit-when-idle", "--idle-seconds", "0",
+                       "--wait-seconds", "0", "--workdir", str(tmp_path / "agent"))
+    assert code == 0, err
+    assert "idle" in err

@@ -184,3 +184,45 @@ def test_no_schedule_fired_within_a_week_means_none() -> None:
 def test_needs_message(age: float, cancelled: bool, due: bool) -> None:
     job = JobState("j", "j", enqueued_at=1000.0, cancel_requested=cancelled)
     assert policy.needs_message(job, 1000.0 + age, 60) is due
+
+
+MULTI = replace(RUNNING, nodes=3)
+
+
+@pytest.mark.parametrize(
+    ("job", "wants"),
+    [
+        (JobState("j", "j"), True),
+        (JobState("j", "j", state="running"), False),  # one node, already held
+        (JobState("j", "j", state="running", nodes=2), True),  # a slot may be free
+        (JobState("j", "j", state="running", nodes=2, cancel_requested=True), False),
+        (JobState("j", "j", state="done", nodes=2), False),
+    ],
+)
+def test_wants_node(job: JobState, wants: bool) -> None:
+    assert policy.wants_node(job) is wants
+
+
+@pytest.mark.parametrize(
+    ("slot", "code", "state", "replace_node"),
+    [
+        (0, 0, "done", False),
+        (0, 75, "queued", False),  # slot 0 leaving returns the job; a new agent claims slot 0
+        (1, 75, "running", True),  # another node leaving: the job runs on, a replacement joins
+        (2, 1, "running", True),
+        (1, 0, "running", False),  # a node's 0 comes with slot 0's own 0
+    ],
+)
+def test_node_exit_of_a_multi_node_job(slot: int, code: int, state: str, replace_node: bool) -> None:
+    after = policy.node_exit(MULTI, slot, code) or MULTI
+    assert after.state == state
+    assert policy.replacement_needed(after, slot, code) is replace_node
+
+
+@pytest.mark.parametrize(
+    ("state", "nodes", "free", "due"),
+    [("running", 2, 1, True), ("running", 2, 0, False), ("running", 1, 0, False), ("queued", 1, 0, True)],
+)
+def test_needs_message_for_free_node_slots(state: str, nodes: int, free: int, due: bool) -> None:
+    job = JobState("j", "j", state=state, nodes=nodes, enqueued_at=0.0)
+    assert policy.needs_message(job, 100.0, 60, free) is due

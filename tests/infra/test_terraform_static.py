@@ -78,6 +78,10 @@ BAD_INPUTS = {
     "empty_instance_list": ["instance_types", "at least one"],
     "negative_price": ["max_spot_price", "positive"],
     "p3_needs_own_ami": ["instance_types", "p3", "ami_id"],
+    "schedule_with_bad_cron": ["schedules", "five-field cron"],
+    "schedule_that_sets_nothing": ["schedules", "at least one of min_size"],
+    "hook_heartbeat_out_of_range": ["termination_hook_heartbeat_seconds", "30 and 7200"],
+    "bad_jobs_prefix": ["jobs_prefix", "one path segment"],
 }
 
 

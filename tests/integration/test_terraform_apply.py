@@ -272,9 +272,10 @@ def verify_unit(unit: str, tmp_path: Path) -> None:
     app = root / "opt" / "mamba-training"
     (app / "work").mkdir(parents=True)
     (app / "env").write_text("AWS_REGION=us-west-2\n")
-    start = app / "start_training.sh"
-    start.write_text("#!/bin/sh\n")
-    start.chmod(0o755)
+    for executable in (app / "start_training.sh", app / "venv" / "bin" / "mamba-training"):
+        executable.parent.mkdir(parents=True, exist_ok=True)
+        executable.write_text("#!/bin/sh\n")
+        executable.chmod(0o755)
     (root / "var" / "log" / "mamba-training").mkdir(parents=True)
     unit_dir = root / "etc" / "systemd" / "system"
     unit_dir.mkdir(parents=True)

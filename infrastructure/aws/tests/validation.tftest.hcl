@@ -133,3 +133,112 @@ run "p3_needs_own_ami" {
 
   expect_failures = [aws_launch_template.training]
 }
+
+run "weekend_schedule_keeps_unset_fields" {
+  command = plan
+
+  variables {
+    schedules = [
+      { name = "weekend-off", recurrence = "0 0 * * 6", min_size = 0, max_size = 0, desired_capacity = 0 },
+      { name = "weekday-on", recurrence = "0 6 * * 1", max_size = 4 },
+    ]
+  }
+
+  assert {
+    condition     = aws_autoscaling_schedule.training["weekday-on"].min_size == -1 && aws_autoscaling_schedule.training["weekday-on"].desired_capacity == -1
+    error_message = "Fields a schedule leaves out must be -1 (unchanged), not 0."
+  }
+
+  assert {
+    condition     = aws_autoscaling_schedule.training["weekend-off"].max_size == 0
+    error_message = "The weekend schedule empties the group."
+  }
+
+  assert {
+    condition     = aws_autoscaling_lifecycle_hook.terminating.lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING"
+    error_message = "A termination lifecycle hook must exist."
+  }
+}
+
+run "schedule_with_bad_cron" {
+  command = plan
+
+  variables {
+    schedules = [{ name = "x", recurrence = "0 0 * *", max_size = 0 }]
+  }
+
+  expect_failures = [var.schedules]
+}
+
+run "schedule_that_sets_nothing" {
+  command = plan
+
+  variables {
+    schedules = [{ name = "x", recurrence = "0 0 * * 6" }]
+  }
+
+  expect_failures = [var.schedules]
+}
+
+run "hook_heartbeat_out_of_range" {
+  command = plan
+
+  variables {
+    termination_hook_heartbeat_seconds = 10
+  }
+
+  expect_failures = [var.termination_hook_heartbeat_seconds]
+}
+
+run "bad_jobs_prefix" {
+  command = plan
+
+  variables {
+    jobs_prefix = "jobs/nested"
+  }
+
+  expect_failures = [var.jobs_prefix]
+}
+
+run "instances_run_the_agent_with_the_jobs_environment" {
+  command = plan
+
+  # The queue URL and the bucket name in the user data are known only after apply otherwise.
+  override_resource {
+    target          = aws_sqs_queue.jobs
+    override_during = plan
+    values = {
+      url = "https://sqs.us-east-1.amazonaws.com/123456789012/mamba-training-dev-training-jobs"
+      arn = "arn:aws:sqs:us-east-1:123456789012:mamba-training-dev-training-jobs"
+    }
+  }
+
+  override_resource {
+    target          = aws_s3_bucket.checkpoints
+    override_during = plan
+    values = {
+      id  = "mamba-training-dev-ckpt-test"
+      arn = "arn:aws:s3:::mamba-training-dev-ckpt-test"
+    }
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.training.user_data), "ExecStart=/opt/mamba-training/venv/bin/mamba-training agent")
+    error_message = "The service must run the job agent."
+  }
+
+  assert {
+    condition     = alltrue([for key in ["MAMBA_QUEUE_URL=", "MAMBA_JOBS_STORE=s3://", "MAMBA_ASG_NAME=mamba-training-dev-training-asg"] : strcontains(base64decode(aws_launch_template.training.user_data), key)])
+    error_message = "Every instance's environment file must name the queue, the jobs store and the group."
+  }
+
+  assert {
+    condition     = strcontains(base64decode(aws_launch_template.training.user_data), ".mamba-baked")
+    error_message = "The user data must detect a baked image."
+  }
+
+  assert {
+    condition     = aws_cloudwatch_metric_alarm.queue_backlog.comparison_operator == "GreaterThanOrEqualToThreshold" && aws_cloudwatch_metric_alarm.queue_backlog.threshold == 1
+    error_message = "A step alarm on queue depth is the backup scale-out."
+  }
+}

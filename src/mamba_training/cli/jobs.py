@@ -138,6 +138,8 @@ def agent(
     workdir: Path = typer.Option(Path(".mamba-agent"), "--workdir", help="Local folder for runs' files."),
     coordinator: Optional[str] = typer.Option(None, "--coordinator", envvar="MAMBA_COORDINATOR",
                                               help="HOST:PORT for multi-node jobs."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+                                                 help="Trainer processes per node (default: one per GPU, else 1)."),
     queue: Optional[str] = QueueOpt, store: Optional[str] = StoreOpt,
 ) -> None:
     """Run jobs from the queue on this machine, one at a time (the instance's systemd service)."""
@@ -156,7 +158,7 @@ def agent(
     why = run_agent(AgentOptions(queue_url=where.queue_url, store_url=where.store_url, imds_url=imds_url,
                                  workdir=workdir, lease_seconds=lease_seconds, idle_seconds=idle_seconds,
                                  exit_when_idle=exit_when_idle, wait_seconds=wait_seconds,
-                                 coordinator=coordinator or None))
+                                 coordinator=coordinator or None, nproc_per_node=nproc_per_node))
     typer.echo(f"agent: {why}", err=True)
 
 

@@ -50,22 +50,36 @@ class AgentOptions:
     tick_seconds: float = 0.5
     imds_poll_seconds: float = 5.0
     coordinator: str | None = None  # HOST:PORT for multi-node jobs (MAMBA_COORDINATOR)
+    nproc_per_node: int | None = None  # trainer processes per node; None: one per GPU (nvidia-smi), else 1
     python: str = field(default_factory=lambda: sys.executable)
 
 
 def training_command(python: str, spec_file: Path, spec: JobSpec, imds_url: str, cache_dir: Path,
-                     coordinator: str | None = None) -> list[str]:
-    """The command line of one run of a job. One node: `train`; more: `launch`, one per node, meeting
-    at the coordinator (the multi-node launcher; docs/jobs.md)."""
+                     coordinator: str | None = None, nproc_per_node: int = 1) -> list[str]:
+    """The command line of one run of a job. One node: `train` (under `torchrun --standalone` for
+    several GPUs); more: `launch`, one per node, meeting at the coordinator (docs/jobs.md)."""
     sets = [f"checkpoint.store={spec.run_store}", f"checkpoint.cache_dir={cache_dir}", f"spot.imds_url={imds_url}"]
     train_options = ["-c", str(spec_file), *[a for s in sets for a in ("--set", s)], "--quiet"]
-    if spec.nodes == 1:
+    if spec.nodes == 1 and nproc_per_node == 1:
         return [python, "-m", "mamba_training", "train", *train_options]
+    if spec.nodes == 1:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+                "-m", "mamba_training", "train", *train_options]
     if not coordinator:
         raise MambaTrainingError(f"job {spec.id} needs {spec.nodes} nodes but no coordinator is set "
                                  "(--coordinator or MAMBA_COORDINATOR)")
     return [python, "-m", "mamba_training", "launch", "--coordinator", coordinator,
-            "--nnodes", f"{spec.nodes}:{spec.nodes}", "--run-id", spec.id, "--", *train_options]
+            "--nnodes", f"{spec.nodes}:{spec.nodes}", "--nproc-per-node", str(nproc_per_node), "--run-id", spec.id,
+            "--", *train_options]
+
+
+def gpu_count() -> int:
+    """GPUs on this machine by `nvidia-smi -L` (no torch import in the agent); 0 without a driver."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listed.stdout.splitlines() if line.startswith("GPU ")) if listed.returncode == 0 else 0
 
 
 class Agent:
@@ -79,6 +93,10 @@ class Agent:
         self.holder = f"{socket.gethostname()}/{os.getpid()}"
         self._stop = threading.Event()  # SIGTERM
         self._reclaim: Interruption | LifecycleTerminating | None = None
+        self._child_preempted = False  # a run exited 75 without being told to
+        self._slot = 0  # the node slot of the job being run (0 for single-node jobs)
+        self._etag = ""
+        self._run_store = ""
 
     # ------------------------------------------------------------------ entry
     def run(self) -> str:
@@ -109,7 +127,12 @@ class Agent:
                 self._leave_reclaimed(None)
             if self._stop.is_set():
                 return "stopped by SIGTERM while idle"
-            taken = self._take()
+            try:
+                taken = self._take()
+            except MambaTrainingError as error:  # S3 or SQS hiccuped: the queue was fine at start
+                log.warning("taking a job failed (%s); retrying", error)
+                self._stop.wait(min(5.0, self.options.idle_seconds or 5.0))
+                continue
             if taken is not None:
                 self._run(*taken)
                 idle_since = time.monotonic()
@@ -132,7 +155,7 @@ class Agent:
         candidates: dict[str, tuple[JobState, Message]] = {}
         for message in messages:
             state = self._state_or_none(message.job_id)
-            if state is None or state.state != "queued" or state.id in candidates:
+            if state is None or not policy.wants_node(state) or state.id in candidates:
                 self.queue.delete(message)  # finished, unknown, or a duplicate: nothing to run
                 continue
             candidates[state.id] = (state, message)
@@ -143,16 +166,25 @@ class Agent:
         if choice is None:
             return None
         message = candidates[choice.id][1]
-        etag = self.jobs.claim(choice.id, self.holder, self.options.lease_seconds)
-        if etag is None:  # another agent holds it
+        claimed = self.jobs.claim_slot(choice.id, choice.nodes, self.holder, self.options.lease_seconds)
+        if claimed is None:  # other agents hold it (every node slot of it)
             self.queue.delete(message)
             return None
-        started = self.jobs.update(choice.id, lambda s: policy.start_run(s, self.holder, time.time()))
+        self._slot, etag = claimed
+        if self._slot == 0:
+            started = self.jobs.update(choice.id, lambda s: policy.start_run(s, self.holder, time.time()))
+            ours = started.state == "running" and started.holder == self.holder
+        else:  # a further node of a multi-node job: slot 0's agent owns the job's state
+            started = self.jobs.state(choice.id)[0]
+            ours = started.state in ("queued", "running") and not started.cancel_requested
         self.queue.delete(message)
-        if started.state != "running" or started.holder != self.holder:  # cancelled meanwhile
+        if not ours:  # cancelled or finished meanwhile
             self._release(choice.id, etag)
             return None
-        log.info("job %s: run %d (attempt %d of %d)", started.id, started.runs, started.attempts, started.max_attempts)
+        if started.nodes > 1 and self.jobs.free_slots(started.id, started.nodes):
+            self._quietly(lambda: self.queue.send(started.id), "asking for the job's next node")
+        log.info("job %s: run %d, node slot %d of %d (attempt %d of %d)", started.id, started.runs, self._slot,
+                 started.nodes, started.attempts, started.max_attempts)
         return started, etag
 
     def _state_or_none(self, job_id: str) -> JobState | None:
@@ -173,25 +205,39 @@ class Agent:
         spec_file = folder / "config.yaml"
         spec_file.write_text(yaml.safe_dump(spec.config, sort_keys=False))
         command = training_command(self.options.python, spec_file, spec, self.options.imds_url,
-                                   folder / "checkpoints", self.options.coordinator)
-        log_path = folder / f"run-{job.runs:03d}.log"
+                                   folder / "checkpoints", self.options.coordinator, self._nproc())
+        log_path = folder / (f"run-{job.runs:03d}.log" if self._slot == 0 else f"run-{job.runs:03d}-node{self._slot}.log")
         if self.group:
             self._quietly(lambda: asg.set_protection(self.group, self.instance_id, True), "setting protection")
         with open(log_path, "wb") as out:
             child = subprocess.Popen(command, cwd=self.options.workdir, stdout=out, stderr=subprocess.STDOUT)
-        code, lost = self._watch(job, child, etag)
-        self._quietly(lambda: self.jobs.put_log(job.id, job.runs, log_path.read_bytes()), "uploading the log")
+        code, lost, signalled = self._watch(job, child, etag)
+        self._quietly(lambda: self.jobs.put_log(job.id, log_path.name, log_path.read_bytes()), "uploading the log")
+        final = None
         if lost is None:
-            self._finish(job.id, code)
+            final = self._finish(job.id, code)
         else:
             log.warning("job %s: %s; its run was stopped and the job left to its new holder", job.id, lost)
         if self.group:
             self._quietly(lambda: asg.set_protection(self.group, self.instance_id, False), "clearing protection")
-        if self._reclaim is not None or self._stop.is_set():
-            self._leave_reclaimed(job.id)
+        if code == policy.EXIT_PREEMPTED and not signalled:
+            # The trainer stopped on its own IMDS watcher (it polls more often than we do): this
+            # instance is going away, so take no other job; look once more for what it saw.
+            self._child_preempted = True
+            if self.watcher is not None:
+                self.watcher.check_once()
+            self._check_reclaim()
+        if self._reclaim is not None or self._child_preempted or self._stop.is_set():
+            self._leave_reclaimed(job.id, final.state if final is not None else "left to its new holder")
 
-    def _watch(self, job: JobState, child: subprocess.Popen, etag: str) -> tuple[int, str | None]:
-        """Wait for the child, renewing the lease; (exit code, None) or (-9, why the lease was lost)."""
+    def _nproc(self) -> int:
+        if self.options.nproc_per_node is None:
+            self.options.nproc_per_node = max(1, gpu_count())
+        return self.options.nproc_per_node
+
+    def _watch(self, job: JobState, child: subprocess.Popen, etag: str) -> tuple[int, str | None, bool]:
+        """Wait for the child, renewing the lease: (exit code, None, whether we sent it SIGTERM), or
+        (-9, why the lease was lost, ...)."""
         self._etag = etag
         expires = time.time() + self.options.lease_seconds
         renewed = time.monotonic()
@@ -199,16 +245,17 @@ class Agent:
         while True:
             code = child.poll()
             if code is not None:
-                return code, None
+                return code, None, signalled
             if time.time() >= expires:
                 # We were frozen past our own lease (SIGSTOP, a paused VM): another agent may run the
                 # job already, so the child dies before anything else happens.
                 child.kill()
                 child.wait()
-                return -9, self._after_expiry(job.id)
+                return -9, self._after_expiry(job.id), signalled
             if time.monotonic() - renewed >= self.options.lease_seconds / 3:
                 try:
-                    self._etag = self.jobs.renew(job.id, self.holder, self._etag, self.options.lease_seconds)
+                    self._etag = self.jobs.renew(job.id, self.holder, self._etag, self.options.lease_seconds,
+                                                 slot=self._slot)
                     expires, renewed = time.time() + self.options.lease_seconds, time.monotonic()
                     state = self._refresh_step(job.id)
                     if state is not None and state.cancel_requested and not signalled:
@@ -218,7 +265,7 @@ class Agent:
                 except LeaseLost as error:
                     child.kill()
                     child.wait()
-                    return -9, str(error)
+                    return -9, str(error), signalled
                 except MambaTrainingError as error:  # S3 or the network hiccuped: try again next tick
                     log.warning("job %s: lease renewal failed (%s); retrying", job.id, error)
             self._check_reclaim()
@@ -228,7 +275,7 @@ class Agent:
             self._stop.wait(self.options.tick_seconds)
 
     def _after_expiry(self, job_id: str) -> str:
-        lease, current = self.jobs.lease(job_id)
+        lease, current = self.jobs.lease(job_id, self._slot)
         if lease is not None and lease.holder == self.holder and current == self._etag:
             # Nobody took it while we were frozen: give the job back as if preempted.
             self._finish(job_id, policy.EXIT_PREEMPTED)
@@ -236,7 +283,7 @@ class Agent:
         return "lease expired while this agent was frozen and another agent took the job"
 
     def _refresh_step(self, job_id: str) -> JobState | None:
-        step = self._committed_step(job_id)
+        step = self._committed_step(job_id) if self._slot == 0 else None
         return self.jobs.update(job_id, lambda s: replace(s, step=step) if step is not None and s.step != step
                                 and s.holder == self.holder else None)
 
@@ -247,25 +294,27 @@ class Agent:
             return None
         return pointer["step"] if pointer else None
 
-    def _finish(self, job_id: str, code: int) -> None:
+    def _finish(self, job_id: str, code: int) -> JobState:
         step = self._committed_step(job_id)
         now = time.time()
 
         def outcome(state: JobState) -> JobState | None:
             if state.state != "running" or state.holder != self.holder:
                 return None  # not ours any more
-            ended = policy.next_state(state, code)
-            return replace(ended, step=step if step is not None else ended.step, enqueued_at=now)
+            ended = policy.node_exit(state, self._slot, code)
+            return None if ended is None else replace(ended, step=step if step is not None else ended.step,
+                                                      enqueued_at=now)
 
         final = self.jobs.update(job_id, outcome, now=now)
-        log.info("job %s: run exited %d -> %s (%s)", job_id, code, final.state, final.reason or "")
+        log.info("job %s: node slot %d exited %d -> %s (%s)", job_id, self._slot, code, final.state, final.reason or "")
         self._release(job_id, self._etag)
-        if final.state == "queued" and final.holder is None:
+        if (final.state == "queued" and final.holder is None) or policy.replacement_needed(final, self._slot, code):
             self._quietly(lambda: self.queue.send(job_id), f"re-enqueueing job {job_id}")
+        return final
 
     def _release(self, job_id: str, etag: str) -> None:
         try:
-            self.jobs.release(job_id, self.holder, etag)
+            self.jobs.release(job_id, self.holder, etag, self._slot)
         except MambaTrainingError as error:
             log.warning("job %s: %s", job_id, error)
 
@@ -278,11 +327,12 @@ class Agent:
                 self._reclaim = event
                 log.warning("instance %s is being reclaimed (%s)", self.instance_id, type(event).__name__)
 
-    def _leave_reclaimed(self, job_id: str | None) -> None:
+    def _leave_reclaimed(self, job_id: str | None, job_state: str | None = None) -> None:
         if isinstance(self._reclaim, LifecycleTerminating) and self.group:
             self._quietly(lambda: asg.complete_termination(self.group, self.instance_id), "completing the lifecycle action")
-        what = f"job {job_id} returned to the queue" if job_id else "no job was running"
-        why = "SIGTERM" if self._reclaim is None else f"instance {self.instance_id} reclaimed"
+        what = f"job {job_id} {job_state}" if job_id else "no job was running"
+        why = "SIGTERM" if self._reclaim is None and not self._child_preempted else \
+            f"instance {self.instance_id or 'here'} reclaimed"
         raise Preempted(f"agent stopped ({why}): {what}")
 
     def _install_signals(self) -> dict[int, object]:

@@ -3,7 +3,8 @@
 Layout under the jobs store (MAMBA_JOBS_STORE, e.g. s3://bucket/jobs):
     <id>/spec.yaml     the resolved run config and what the job asks for (written once)
     <id>/state.json    queued | running | done | failed | cancelled, attempts, step (conditional writes)
-    <id>/lease.json    who runs it until when (If-None-Match to take, If-Match to renew or release)
+    <id>/lease.json    who runs it until when (If-None-Match to take, If-Match to renew or release);
+                       a job on N > 1 nodes has one lease per node slot: lease.json, lease-1.json, ...
     <id>/logs/run-NNN.log   each run's output, uploaded by the agent
     <id>/run/          the job's run (checkpoints, records), unless its config names an s3:// store
 
@@ -169,8 +170,12 @@ class JobsStore:
         return found
 
     # ------------------------------------------------------------------ lease
-    def lease(self, job_id: str) -> tuple[Lease | None, str | None]:
-        found = self.store.read_with_etag(f"{job_id}/{LEASE}")
+    @staticmethod
+    def lease_key(job_id: str, slot: int = 0) -> str:
+        return f"{job_id}/{LEASE}" if slot == 0 else f"{job_id}/lease-{slot}.json"
+
+    def lease(self, job_id: str, slot: int = 0) -> tuple[Lease | None, str | None]:
+        found = self.store.read_with_etag(self.lease_key(job_id, slot))
         if found is None:
             return None, None
         try:
@@ -178,34 +183,56 @@ class JobsStore:
         except (ValueError, TypeError):
             return None, found[1]  # unreadable: treated as free, replaced conditionally
 
-    def claim(self, job_id: str, holder: str, seconds: float, now: float | None = None) -> str | None:
-        """Take the job's lease if it is free (absent, released or expired); its ETag, or None
-        when someone else holds it or won the race for it."""
+    def claim(self, job_id: str, holder: str, seconds: float, now: float | None = None, slot: int = 0) -> str | None:
+        """Take the job's lease (of one node slot) if it is free (absent, released or expired); its
+        ETag, or None when someone else holds it or won the race for it."""
         now = time.time() if now is None else now
-        current, etag = self.lease(job_id)
+        current, etag = self.lease(job_id, slot)
         if current is not None and not current.free(now):
             return None
         try:
-            return self.store.put_if(f"{job_id}/{LEASE}", _json(asdict(Lease(job_id, holder, now + seconds))), etag)
+            return self.store.put_if(self.lease_key(job_id, slot), _json(asdict(Lease(job_id, holder, now + seconds))),
+                                     etag)
         except FencedError:
             return None
 
-    def renew(self, job_id: str, holder: str, etag: str, seconds: float, now: float | None = None) -> str:
+    def claim_slot(self, job_id: str, nodes: int, holder: str, seconds: float,
+                   now: float | None = None) -> tuple[int, str] | None:
+        """The first free node slot of the job, taken: (slot, ETag), or None when all are held."""
+        for slot in range(nodes):
+            etag = self.claim(job_id, holder, seconds, now, slot)
+            if etag is not None:
+                return slot, etag
+        return None
+
+    def free_slots(self, job_id: str, nodes: int, now: float | None = None) -> list[int]:
+        now = time.time() if now is None else now
+        free = []
+        for slot in range(nodes):
+            lease, _ = self.lease(job_id, slot)
+            if lease is None or lease.free(now):
+                free.append(slot)
+        return free
+
+    def renew(self, job_id: str, holder: str, etag: str, seconds: float, now: float | None = None,
+              slot: int = 0) -> str:
         now = time.time() if now is None else now
         try:
-            return self.store.put_if(f"{job_id}/{LEASE}", _json(asdict(Lease(job_id, holder, now + seconds))), etag)
+            return self.store.put_if(self.lease_key(job_id, slot), _json(asdict(Lease(job_id, holder, now + seconds))),
+                                     etag)
         except FencedError:
             raise LeaseLost(f"job {job_id}: lease taken over by another agent; {holder} stops running it") from None
 
-    def release(self, job_id: str, holder: str, etag: str) -> None:
+    def release(self, job_id: str, holder: str, etag: str, slot: int = 0) -> None:
         try:
-            self.store.put_if(f"{job_id}/{LEASE}", _json(asdict(Lease(job_id, holder, 0.0, released=True))), etag)
+            self.store.put_if(self.lease_key(job_id, slot), _json(asdict(Lease(job_id, holder, 0.0, released=True))),
+                              etag)
         except FencedError:
             raise LeaseLost(f"job {job_id}: lease taken over by another agent before {holder} released it") from None
 
     # ------------------------------------------------------------------ logs
-    def put_log(self, job_id: str, run: int, data: bytes) -> None:
-        self.store.put_bytes(f"{job_id}/logs/run-{run:03d}.log", data)
+    def put_log(self, job_id: str, name: str, data: bytes) -> None:
+        self.store.put_bytes(f"{job_id}/logs/{name}", data)
 
     def logs(self, job_id: str) -> list[tuple[str, bytes]]:
         self.state(job_id)  # JobNotFound for an unknown id

@@ -61,10 +61,30 @@ def request_cancel(job: JobState) -> JobState | None:
     return None
 
 
+def node_exit(job: JobState, slot: int, exit_code: int) -> JobState | None:
+    """What one node's exit makes of the job. Slot 0's run decides the job (`next_state`); the
+    other slots of a multi-node job only free their slot (the elastic launcher keeps the rest
+    training; a 0 there comes with slot 0's own 0)."""
+    return next_state(job, exit_code) if slot == 0 else None
+
+
+def replacement_needed(job: JobState, slot: int, exit_code: int) -> bool:
+    """After a node of a still-running multi-node job left unfinished, another node should join."""
+    return slot > 0 and exit_code != EXIT_DONE and job.state == "running" and not job.cancel_requested
+
+
 # --------------------------------------------------------------------------- agent choices
+def wants_node(job: JobState) -> bool:
+    """A job an idle agent may claim a node slot of: queued, or a multi-node job already running
+    (one of its slots may be free: a node left, or it is still gathering its nodes)."""
+    if job.cancel_requested:
+        return False
+    return job.state == "queued" or (job.state == "running" and job.nodes > 1)
+
+
 def choose_job(candidates: list[JobState]) -> JobState | None:
-    """The runnable job to claim first: highest priority, then the oldest submission."""
-    runnable = [j for j in candidates if j.state == "queued" and not j.cancel_requested]
+    """The job to claim a node of first: highest priority, then the oldest submission."""
+    runnable = [j for j in candidates if wants_node(j)]
     if not runnable:
         return None
     return min(runnable, key=lambda j: (-j.priority, j.submitted_at, j.id))
@@ -86,9 +106,12 @@ def orphaned(job: JobState, lease: Lease | None, now: float) -> bool:
     return job.state == "running" and (lease is None or lease.free(now))
 
 
-def needs_message(job: JobState, now: float, requeue_after: float) -> bool:
-    """A queued job that has waited long enough that its message may have been lost."""
-    return job.state == "queued" and not job.cancel_requested and now - job.enqueued_at >= requeue_after
+def needs_message(job: JobState, now: float, requeue_after: float, free_slots: int = 0) -> bool:
+    """A queued job (or a running multi-node job with a free slot) that has waited long enough
+    that its message may have been lost."""
+    if job.cancel_requested or now - job.enqueued_at < requeue_after:
+        return False
+    return job.state == "queued" or (job.state == "running" and free_slots > 0)
 
 
 # --------------------------------------------------------------------------- capacity
@@ -194,6 +217,6 @@ def schedule_in_force(actions: list[tuple[str, int | None, int | None]], now: da
 
 
 __all__ = [
-    "Bounds", "Schedule", "choose_job", "cron_matches", "desired_capacity", "holder_lost", "idle_action",
+    "Bounds", "Schedule", "choose_job", "node_exit", "replacement_needed", "wants_node", "cron_matches", "desired_capacity", "holder_lost", "idle_action",
     "last_firing", "needs_message", "next_state", "orphaned", "request_cancel", "schedule_in_force", "start_run",
 ]

@@ -59,7 +59,8 @@ def reconcile_once(options: ReconcileOptions, now: float | None = None) -> Pass:
                         else None, now=now)
             requeue(jobs, queue, job.id, now)
             returned.append(job.id)
-        elif policy.needs_message(job, now, options.requeue_after_seconds):
+        elif policy.needs_message(job, now, options.requeue_after_seconds,
+                                  len(jobs.free_slots(job.id, job.nodes, now)) if job.nodes > 1 else 0):
             requeue(jobs, queue, job.id, now)
             requeued.append(job.id)
     states = jobs.all_states() if returned else states
