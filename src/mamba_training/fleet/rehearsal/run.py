@@ -11,8 +11,8 @@ started is ended by its process group before `rehearse` returns.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
 import secrets
 import sys
 import threading
@@ -132,6 +132,9 @@ def check(options: Options) -> list[Event]:
     if options.nodes_per_job < 1 or options.nodes_per_job > options.instances:
         raise UsageError(f"--nodes-per-job {options.nodes_per_job}: must be within 1..--instances "
                          f"({options.instances})")
+    if options.nodes_per_job > 1 and importlib.util.find_spec("mamba_training.fleet.coordinator") is None:
+        raise UsageError(f"--nodes-per-job {options.nodes_per_job}: multi-node jobs need the launcher and "
+                         "coordinator (`mamba-training launch`, `coordinator`), which this build lacks")
     if options.steps < 1:
         raise UsageError(f"--steps {options.steps}: must be >= 1")
     for path in options.submit:
