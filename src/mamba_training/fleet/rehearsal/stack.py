@@ -78,14 +78,25 @@ def provider_mirror() -> Path | None:
     return None
 
 
+def plugin_cache() -> Path:
+    """A provider cache shared by rehearsals (the provider is ~700 MB: linked from here, not copied each time)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "mamba-training" / "terraform-plugins"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def cli_config(directory: Path) -> Path:
     mirror = provider_mirror()
     path = directory / "terraform.tfrc"
-    path.write_text("" if mirror is None else (
+    # No lock file travels with the stack's copy, so the cache is used only when allowed to fill one in.
+    cache = (f'plugin_cache_dir = "{plugin_cache()}"\n'
+             "plugin_cache_may_break_dependency_lock_file = true\n")
+    path.write_text(cache + ("" if mirror is None else (
         "provider_installation {\n"
         f'  filesystem_mirror {{\n    path    = "{mirror}"\n    include = ["registry.terraform.io/*/*"]\n  }}\n'
         '  direct {\n    exclude = ["registry.terraform.io/*/*"]\n  }\n'
-        "}\n"))
+        "}\n")))
     return path
 
 
