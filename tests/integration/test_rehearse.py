@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mamba_training.fleet.rehearsal.procs import group_alive
+from mamba_training.fleet.rehearsal.procs import group_alive, port_free
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rehearse")]
 SEED = 3
@@ -80,13 +81,15 @@ def test_ctrl_c_ends_every_process_and_says_where_the_files_are(tmp_path: Path) 
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the rehearsal never got going"
         time.sleep(0.1)
+    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    print(f"Ctrl-C to exit: {time.monotonic() - sent:.1f} s")
     assert proc.returncode == 130, err
     assert f"its files are in {directory}" in err
     assert_nothing_left(directory)
-    moto_log = (directory / "procs" / "moto.log").read_text()
-    assert moto_log  # it did start
+    port = int(re.search(r"Running on http://127\.0\.0\.1:(\d+)", (directory / "procs" / "moto.log").read_text())[1])
+    assert port_free(port)  # the moto server's port is free again
 
 
 def _lines(path: Path) -> list[str]:
@@ -117,6 +120,15 @@ def test_a_job_config_that_does_not_validate_is_refused_before_anything_starts(t
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "max_stepz" in result.stderr
     assert not list((tmp_path / "rehearsals").glob("*/procs/pids"))
+
+
+def test_a_used_folder_is_refused_every_rehearsal_starts_fresh(tmp_path: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "result.json").write_text("{}")
+    result = rehearse("--dir", str(used), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and f"--dir {used}: exists and is not empty" in result.stderr
+    assert sorted(p.name for p in used.iterdir()) == ["result.json"]
 
 
 def test_a_port_in_use_is_refused(tmp_path: Path) -> None:

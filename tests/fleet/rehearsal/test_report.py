@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mamba_training.fleet.rehearsal.report import (JobReport, Segment, goodput, lost_steps, plot, read_segments,
-                                                    same_weights, summary)
+from fleet.rehearsal.sample import a_result
+from mamba_training.fleet.rehearsal.report import Segment, goodput, lost_steps, plot, read_segments, same_weights
 
 
 def steps(a: int, b: int) -> tuple[int, ...]:
@@ -82,18 +82,6 @@ def test_weights_compare_bit_for_bit(other: dict, same: bool) -> None:
 
 def test_metadata_does_not_make_weights_differ() -> None:
     assert same_weights(safetensors({"w": ("F32", [2], ONE)}), safetensors({"w": ("F32", [2], ONE)}, {"by": "x"}))
-
-
-def a_result() -> dict:
-    jobs = [JobReport("job-1", "tiny-0", "done", 1, 1, 1, 60, 60, "s3://b/jobs/job-1/run", trained_steps=60,
-                      identical_to_straight=True, progress=[(0.0, 0), (5.0, 30), (9.0, 60)]),
-            JobReport("job-2", "tiny-1", "failed", 1, 3, 0, 20, 60, "s3://b/jobs/job-2/run", trained_steps=27,
-                      lost_steps=7, progress=[(0.0, 0), (4.0, 20)])]
-    disruptions = [{"at": 3.0, "kind": "rebalance", "instance": "i-1", "event": 0},
-                   {"at": 3.0, "kind": "notice", "instance": "i-1", "event": 0},
-                   {"at": 4.5, "kind": "hard-kill", "instance": "i-2", "event": 1}]
-    return summary(jobs, disruptions, [0, 2, 0], [(0.0, 0, 0), (1.0, 2, 2), (10.0, 0, 0)], (0.01, 0.03),
-                   {"seed": 7, "cost_series": [[0, 0, 0], [10, 0.01, 0.03]]})
 
 
 def test_the_json_document_counts_what_happened() -> None:
