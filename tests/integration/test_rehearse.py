@@ -29,8 +29,17 @@ SEED = 3
 
 def rehearse(*args: str, cwd: Path, env: dict[str, str] | None = None,
              timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mamba_training", "rehearse", *args], cwd=cwd, env=env or os.environ,
-                          capture_output=True, text=True, timeout=timeout)
+    """Run the command; past `timeout` it gets Ctrl-C (its own teardown ends what it started), then fails."""
+    command = [sys.executable, "-m", "mamba_training", "rehearse", *args]
+    proc = subprocess.Popen(command, cwd=cwd, env=env or os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"rehearse did not finish within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def started_pids(directory: Path) -> list[int]:
@@ -44,11 +53,12 @@ def assert_nothing_left(directory: Path) -> None:
     assert [pid for pid in pids if group_alive(pid)] == []
 
 
+@pytest.mark.timeout(1500)  # the Terraform apply against moto alone takes minutes on a busy machine
 def test_a_short_rehearsal_loses_nothing_and_leaves_nothing_running(tmp_path: Path) -> None:
     print(f"seed {SEED}")
     directory = tmp_path / "rehearsal"
     done = rehearse("--instances", "2", "--jobs", "2", "--interruptions", "2", "--seed", str(SEED),
-                    "--dir", str(directory), "--json", cwd=tmp_path)
+                    "--dir", str(directory), "--json", cwd=tmp_path, timeout=1400)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["seed"] == SEED
