@@ -104,6 +104,12 @@ def test_an_unknown_queue_is_a_one_line_error_and_nothing_is_written(endpoints, 
     assert client("s3").list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
 
 
+def test_a_queue_that_is_not_a_url_is_a_usage_error(endpoints, capsys):
+    code, _, err = cli(capsys, "submit", CONFIG, "--queue", "jobs")
+    assert code == 2
+    assert_one_line_error(err, "not an SQS URL")
+
+
 def test_a_missing_bucket_is_a_one_line_error_and_nothing_is_queued(endpoints, capsys):
     queue, _ = endpoints
     code, _, err = cli(capsys, "submit", CONFIG, "--store", "s3://no-such-bucket/jobs")

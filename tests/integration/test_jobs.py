@@ -272,3 +272,21 @@ def test_a_lifecycle_termination_returns_the_job_after_its_checkpoint(setup):
     assert (state.state, state.attempts, state.preemptions, state.holder) == ("queued", 0, 1, None), state
     assert state.step is not None and state.step == committed_step(run_store) and state.step >= 10
     assert "reclaimed" in agent.output() and "lifecycle" in agent.output().lower()
+
+
+def test_an_idle_agent_leaves_its_group_and_takes_the_desired_capacity_with_it(setup):
+    env, _, workdir = setup
+    make_fleet(desired=2, max_size=2)
+    fleet = LocalFleet(workdir, env)
+    staying, leaving = fleet.in_group()
+    autoscaling = client("autoscaling")
+    autoscaling.set_instance_protection(AutoScalingGroupName=ASG, InstanceIds=[leaving], ProtectedFromScaleIn=True)
+    with ImdsEmulator(port=0, instance_id=leaving) as imds:
+        agent = AgentProcess("idle", workdir, env, imds.url)  # no --exit-when-idle: in a group it leaves
+        try:
+            assert agent.proc.wait(TIMEOUT) == 0, agent.output()
+        finally:
+            agent.stop()
+    group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[ASG])["AutoScalingGroups"][0]
+    assert group["DesiredCapacity"] == 1 and [i["InstanceId"] for i in group["Instances"]] == [staying]
+    assert "left" in agent.output()

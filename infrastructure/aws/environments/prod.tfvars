@@ -29,3 +29,9 @@ training_config = {
     keep_last     = 3
   }
 }
+
+# Time-based limits (docs/jobs.md): e.g. no GPUs at weekends. Fields left out stay as they are (-1).
+# schedules = [
+#   { name = "weekend-off", recurrence = "0 0 * * 6", min_size = 0, max_size = 0, desired_capacity = 0 },
+#   { name = "weekday-on", recurrence = "0 6 * * 1", max_size = 8 },
+# ]

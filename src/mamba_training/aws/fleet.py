@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from mamba_training.aws.session import aws_errors, check_region, client
 from mamba_training.errors import AwsError, UsageError
@@ -219,9 +220,21 @@ class ScheduledAction:
     desired: int | None
 
 
+@contextmanager
+def _calling(action: str) -> Iterator[None]:
+    """`aws_errors`, and a response botocore cannot parse (an endpoint's HTML error page) too."""
+    from botocore.parsers import ResponseParserError
+
+    try:
+        with aws_errors(action):
+            yield
+    except ResponseParserError as error:
+        raise AwsError(f"{action}: unreadable answer from AWS ({str(error).splitlines()[0][:120]})") from None
+
+
 def capacity(group_name: str, region: str | None = None) -> Capacity:
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"describing auto scaling group {group_name}"):
+    with _calling(f"describing auto scaling group {group_name}"):
         found = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[group_name])["AutoScalingGroups"]
     if not found:
         raise AwsError(f"auto scaling group {group_name} not found (check --group or MAMBA_ASG_NAME)")
@@ -231,7 +244,7 @@ def capacity(group_name: str, region: str | None = None) -> Capacity:
 
 def scheduled_actions(group_name: str, region: str | None = None) -> list[ScheduledAction]:
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"describing scheduled actions of {group_name}"):
+    with _calling(f"describing scheduled actions of {group_name}"):
         raw = autoscaling.describe_scheduled_actions(AutoScalingGroupName=group_name).get("ScheduledUpdateGroupActions", [])
 
     def field_value(item: dict[str, Any], key: str) -> int | None:
@@ -244,14 +257,14 @@ def scheduled_actions(group_name: str, region: str | None = None) -> list[Schedu
 
 def set_desired(group_name: str, desired: int, region: str | None = None) -> None:
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"setting desired capacity of {group_name} to {desired}"):
+    with _calling(f"setting desired capacity of {group_name} to {desired}"):
         autoscaling.set_desired_capacity(AutoScalingGroupName=group_name, DesiredCapacity=desired, HonorCooldown=False)
 
 
 def group_of_instance(instance_id: str, region: str | None = None) -> str | None:
     """The auto scaling group an instance belongs to, or None when it is in none."""
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"describing instance {instance_id} in auto scaling"):
+    with _calling(f"describing instance {instance_id} in auto scaling"):
         found = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id]).get("AutoScalingInstances", [])
     return found[0]["AutoScalingGroupName"] if found else None
 
@@ -260,7 +273,7 @@ def set_protection(group_name: str, instance_id: str, protected: bool, region: s
     """Scale-in protection: a busy instance is not picked when desired capacity drops (it does not
     protect against a spot interruption)."""
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"{'setting' if protected else 'clearing'} scale-in protection of {instance_id}"):
+    with _calling(f"{'setting' if protected else 'clearing'} scale-in protection of {instance_id}"):
         autoscaling.set_instance_protection(AutoScalingGroupName=group_name, InstanceIds=[instance_id],
                                             ProtectedFromScaleIn=protected)
 
@@ -268,7 +281,7 @@ def set_protection(group_name: str, instance_id: str, protected: bool, region: s
 def leave_group(instance_id: str, region: str | None = None) -> None:
     """Terminate this instance and lower desired capacity by one, so the group is not refilled."""
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"terminating {instance_id} in its auto scaling group"):
+    with _calling(f"terminating {instance_id} in its auto scaling group"):
         autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=instance_id,
                                                              ShouldDecrementDesiredCapacity=True)
 
@@ -276,12 +289,12 @@ def leave_group(instance_id: str, region: str | None = None) -> None:
 def complete_termination(group_name: str, instance_id: str, region: str | None = None) -> list[str]:
     """CONTINUE every termination lifecycle hook of the group for this instance; returns the hooks."""
     autoscaling = client("autoscaling", region=region)
-    with aws_errors(f"describing lifecycle hooks of {group_name}"):
+    with _calling(f"describing lifecycle hooks of {group_name}"):
         hooks = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group_name).get("LifecycleHooks", [])
     names = [h["LifecycleHookName"] for h in hooks
              if h.get("LifecycleTransition") == "autoscaling:EC2_INSTANCE_TERMINATING"]
     for name in names:
-        with aws_errors(f"completing lifecycle action {name} for {instance_id}"):
+        with _calling(f"completing lifecycle action {name} for {instance_id}"):
             autoscaling.complete_lifecycle_action(AutoScalingGroupName=group_name, LifecycleHookName=name,
                                                   InstanceId=instance_id, LifecycleActionResult="CONTINUE")
     return names

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from mamba_training.aws.session import client, describe_error
-from mamba_training.errors import AwsError
+from mamba_training.errors import AwsError, UsageError
 
 _MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NonExistentQueue"}
 
@@ -29,7 +29,7 @@ class Queue:
 
     def __init__(self, url: str, region: str | None = None, profile: str | None = None) -> None:
         if not url.startswith(("https://", "http://")):
-            raise AwsError(f"queue URL {url!r} is not an SQS URL (expected https://sqs.<region>.amazonaws.com/...)")
+            raise UsageError(f"queue URL {url!r} is not an SQS URL (expected https://sqs.<region>.amazonaws.com/...)")
         self.url = url
         self._client = client("sqs", region=region or _region_of(url), profile=profile)
 
@@ -92,6 +92,7 @@ class _QueueErrors:
         if error is None:
             return False
         from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.parsers import ResponseParserError
 
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
@@ -99,6 +100,8 @@ class _QueueErrors:
                 raise AwsError(f"queue {self.url} does not exist (check --queue or MAMBA_QUEUE_URL)") from None
         if isinstance(error, (BotoCoreError, ClientError)):
             raise describe_error(error, f"{self.action} ({self.url})") from None
+        if isinstance(error, ResponseParserError):  # an endpoint's HTML error page
+            raise AwsError(f"{self.action} ({self.url}): unreadable answer: {str(error).splitlines()[0][:120]}") from None
         return False
 
 
