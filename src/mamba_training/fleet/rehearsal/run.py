@@ -219,7 +219,11 @@ class Rehearsal:
             self._watch(outputs, apply)
             self._finish_apply(stack, apply, outputs)
             self._update("waiting for the straight runs")
-            straight.join()
+            while straight.is_alive():
+                straight.join(1.0)
+                if self.clock() > self.options.timeout:
+                    raise RehearsalError(f"the straight runs did not finish within --timeout "
+                                         f"{self.options.timeout:g} s (logs in {self.processes.directory})")
             return self._result(outputs)
 
     def _update(self, phase: str | None = None) -> None:
