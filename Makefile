@@ -10,7 +10,7 @@ TRITON_PIN := triton==3.9.0
 TOOLS := .tools
 ARGS ?=
 
-.PHONY: run test bench lint clean install install-dev tools wheels
+.PHONY: run test bench rehearse lint clean install install-dev tools wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ test: install-dev tools
 	$(BIN)/lint-imports
 	PATH="$(abspath $(BIN)):$(abspath $(TOOLS)/checkov/bin):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
+# The whole fleet on this machine (moto server, Terraform stack, reconciler, agents, spot interruptions).
+rehearse: install-dev
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mamba-training rehearse $(ARGS)
+
 bench: install-dev
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/throughput.py
@@ -60,4 +64,4 @@ wheels:
 	  --platform manylinux2014_x86_64 --platform any -r <($(PYTHON) bench/gpu.py --requirements)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) runs .pytest_cache
+	rm -rf $(VENV) $(TOOLS) runs rehearsals .pytest_cache

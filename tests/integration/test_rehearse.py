@@ -1,0 +1,167 @@
+"""`mamba-training rehearse` as users run it: a subprocess, with its JSON, its files and its exit.
+
+The full rehearsal applies the real Terraform stack to a fresh moto server, runs the reconciler
+and one agent per simulated instance (each with its own IMDS emulator), and injects two spot
+notices at seeded points of the jobs' progress; the JSON must show both jobs done, no step lost,
+the weights bitwise those of a straight run, and the fleet going 0 -> 2 -> 0. Bad input starts
+nothing; Ctrl-C ends every process it started and says where its files are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mamba_training.fleet.rehearsal.procs import group_alive, port_free
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rehearse")]
+SEED = 3
+
+
+def rehearse(*args: str, cwd: Path, env: dict[str, str] | None = None,
+             timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the command; past `timeout` it gets Ctrl-C (its own teardown ends what it started), then fails."""
+    command = [sys.executable, "-m", "mamba_training", "rehearse", *args]
+    proc = subprocess.Popen(command, cwd=cwd, env=env or os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"rehearse did not finish within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def started_pids(directory: Path) -> list[int]:
+    pids = directory / "procs" / "pids"
+    return [int(line.split()[0]) for line in pids.read_text().splitlines()] if pids.exists() else []
+
+
+def assert_nothing_left(directory: Path) -> None:
+    pids = started_pids(directory)
+    assert pids, "the rehearsal recorded no processes"
+    assert [pid for pid in pids if group_alive(pid)] == []
+
+
+@pytest.mark.timeout(1500)  # the Terraform apply against moto alone takes minutes on a busy machine
+def test_a_short_rehearsal_loses_nothing_and_leaves_nothing_running(tmp_path: Path) -> None:
+    print(f"seed {SEED}")
+    directory = tmp_path / "rehearsal"
+    done = rehearse("--instances", "2", "--jobs", "2", "--interruptions", "2", "--seed", str(SEED),
+                    "--dir", str(directory), "--json", cwd=tmp_path, timeout=1400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["seed"] == SEED
+    assert (result["jobs_completed"], result["jobs_failed"]) == (2, 0)
+    assert result["interruptions"] == 2 and result["notices"] == 2 and result["hard_kills"] == 0
+    assert result["lost_steps"] == 0 and result["lost_steps_after_notice"] == 0
+    assert result["goodput"] == 1.0
+    history = result["capacity_history"]
+    assert history[0] == 0 and max(history) == 2 and history[-1] == 0
+    assert result["cost_spot_usd"] < result["cost_on_demand_usd"]
+    for job in result["jobs"]:
+        assert job["state"] == "done" and job["final_step"] == job["max_steps"] == 60
+        assert job["store"].startswith("s3://mamba-training-rehearsal-ckpt-") and job["store"].endswith("/run")
+        assert job["identical_to_straight"] is True
+    assert result["instances_launched"] >= 3  # a noticed instance was replaced (or scaled in once its job was done)
+    assert result["terraform_apply_seconds"] > 0  # the apply returned, and its outputs matched what was used
+    assert Path(result["png"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((directory / "result.json").read_text())["jobs_completed"] == 2
+    assert_nothing_left(directory)
+
+
+def test_ctrl_c_ends_every_process_and_says_where_the_files_are(tmp_path: Path) -> None:
+    directory = tmp_path / "rehearsal"
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_training", "rehearse", "--dir", str(directory), "--json"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    # Wait for the rehearsal to be in full swing: moto up, Terraform applying, a straight run training.
+    while not {"terraform-apply", "straight-tiny-0"} <= {line.split()[1] for line in
+                                                           _lines(directory / "procs" / "pids")}:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the rehearsal never got going"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    print(f"Ctrl-C to exit: {time.monotonic() - sent:.1f} s")
+    assert proc.returncode == 130, err
+    assert f"its files are in {directory}" in err
+    assert_nothing_left(directory)
+    port = int(re.search(r"Running on http://127\.0\.0\.1:(\d+)", (directory / "procs" / "moto.log").read_text())[1])
+    assert port_free(port)  # the moto server's port is free again
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--instances", "0"], "--instances 0: a rehearsal needs at least one instance"),
+    (["--nodes-per-job", "3"], "--nodes-per-job 3: must be within 1..--instances (2)"),
+    (["--interruptions", "1", "--hard-kills", "2"], "--hard-kills 2"),
+    (["--interruptions", "1", "--interrupt-every", "5"], "exclude each other"),
+    (["--notice-compression", "0.5"], "--notice-compression 0.5"),
+])
+def test_bad_flags_are_one_line_exit_2_and_start_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    result = rehearse(*args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"] and message in result.stderr
+    assert not (tmp_path / "rehearsals").exists()
+
+
+def test_a_job_config_that_does_not_validate_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 10\n")
+    result = rehearse("--submit", str(bad), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "max_stepz" in result.stderr
+    assert not list((tmp_path / "rehearsals").glob("*/procs/pids"))
+
+
+def test_a_used_folder_is_refused_every_rehearsal_starts_fresh(tmp_path: Path) -> None:
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "result.json").write_text("{}")
+    result = rehearse("--dir", str(used), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and f"--dir {used}: exists and is not empty" in result.stderr
+    assert sorted(p.name for p in used.iterdir()) == ["result.json"]
+
+
+def test_a_port_in_use_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = rehearse("--moto-port", str(port), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_terraform_missing_is_one_line_exit_1(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, no terraform
+    result = rehearse(cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1 and "terraform not found on PATH" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_moto_server_missing_is_one_line_exit_1(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow" / "moto"  # a `moto` without its server: what a plain `pip install moto` gives
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = rehearse(cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1 and "the moto server is not installed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
