@@ -62,6 +62,19 @@ def test_request_cancel(state: str, result: str | None) -> None:
         assert after.cancel_requested
 
 
+@pytest.mark.parametrize("code, going_down, counted", [
+    (-15, True, 75),   # SIGTERM to the whole tree on a reclaim, before the trainer's handler: preempted
+    (-9, True, 75),    # the OS shutdown's SIGKILL
+    (-15, False, -15),  # a signal from elsewhere is a failed attempt
+    (1, True, 1),      # a real failure stays one, even on a dying instance
+    (75, True, 75),
+    (0, True, 0),
+])
+def test_a_run_killed_while_its_instance_goes_down_counts_as_preempted(code: int, going_down: bool,
+                                                                       counted: int) -> None:
+    assert policy.run_exit(code, going_down) == counted
+
+
 def test_holder_lost_gives_the_attempt_back() -> None:
     after = policy.holder_lost(RUNNING)
     assert (after.state, after.attempts, after.holder, after.preemptions) == ("queued", 0, None, 1)

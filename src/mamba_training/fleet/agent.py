@@ -151,6 +151,11 @@ class Agent:
 
     # ------------------------------------------------------------------ taking a job
     def _take(self) -> tuple[JobState, str] | None:
+        if self.watcher is not None:  # a notice may have come since the watcher's last round
+            self.watcher.check_once()
+            self._check_reclaim()
+        if self._reclaim is not None or self._stop.is_set():
+            return None
         messages = self.queue.receive(10, self.options.wait_seconds, self.options.visibility_seconds)
         candidates: dict[str, tuple[JobState, Message]] = {}
         for message in messages:
@@ -212,6 +217,11 @@ class Agent:
         with open(log_path, "wb") as out:
             child = subprocess.Popen(command, cwd=self.options.workdir, stdout=out, stderr=subprocess.STDOUT)
         code, lost, signalled = self._watch(job, child, etag)
+        going_down = self._stop.is_set() or self._reclaim is not None
+        if lost is None and policy.run_exit(code, going_down) != code:
+            log.warning("job %s: its run died by signal %d while this instance was going down: counted as preempted",
+                        job.id, -code)
+            code = policy.run_exit(code, going_down)
         self._quietly(lambda: self.jobs.put_log(job.id, log_path.name, log_path.read_bytes()), "uploading the log")
         final = None
         if lost is None:

@@ -45,6 +45,15 @@ def next_state(job: JobState, exit_code: int) -> JobState:
     return replace(ended, state="queued", reason=f"exit {exit_code} on attempt {job.attempts} of {job.max_attempts}; retrying")
 
 
+def run_exit(exit_code: int, instance_going_down: bool) -> int:
+    """The exit code a run counts with. A run killed by a signal while its instance is going
+    down (a reclaim SIGTERMs the whole process tree, the trainer perhaps before it installed its
+    own handler) lost its instance, not an attempt: it counts as preempted."""
+    if exit_code < 0 and instance_going_down:
+        return EXIT_PREEMPTED
+    return exit_code
+
+
 def holder_lost(job: JobState) -> JobState:
     """A running job whose holder vanished (its lease expired unrenewed): runnable again, and,
     like a preemption, not charged an attempt (spot instances can vanish without a notice)."""
