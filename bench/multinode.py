@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.d_model=32", "--set", "model.n_layer=1", "--set", "train.seq_len=32",
          "--set", "train.batch_size=4", "--set", "train.log_every=1", "--set", "train.eval_every=100000",
-         "--set", "train.warmup_steps=5", "-q"]
+         "--set", "train.warmup_steps=5", "--set", "train.threads=1", "-q"]
 
 
 def free_port() -> int:
