@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mamba_training.errors import EXIT_PREEMPTED, EXIT_RUNTIME, EXIT_USAGE, UsageError
+from mamba_training.train.leaving import LEAVING_MARKER, NODE_DIR_ENV  # the worker's side of it
 
-NODE_DIR_ENV = "MAMBA_TRAINING_NODE_DIR"  # a per-launch directory the workers write markers into
-LEAVING_MARKER = "leaving"  # written by a worker whose node stops for good (notice, SIGTERM)
+__all__ = ["NODE_DIR_ENV", "LEAVING_MARKER", "NodeRange", "Outcome", "parse_nnodes", "parse_endpoint",
+           "node_exit_code"]
 
 
 @dataclass(frozen=True)
