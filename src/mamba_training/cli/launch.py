@@ -23,6 +23,8 @@ def launch(
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Trainer processes (GPUs) on this node."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Rendezvous name (default: from the run's store)."),
     max_restarts: int = typer.Option(100, "--max-restarts", min=0, help="Re-forms allowed (each peer loss is one)."),
+    connect_timeout: float = typer.Option(30.0, "--connect-timeout", min=0.1,
+                                          help="Seconds to wait for the coordinator to answer at start."),
 ) -> None:
     """Run one node of a multi-node run; train options follow `--`.
 
@@ -39,6 +41,8 @@ def launch(
         coordinator=endpoint, nnodes=node_range, nproc_per_node=nproc_per_node,
         run_id=run_id or fleet_launch.default_run_id(config), train_args=tuple(ctx.args),
         max_restarts=max_restarts,
+        shutdown_timeout_s=int(config.spot.grace_seconds) + 20,  # the flush's grace, then SIGKILL
+        connect_timeout_s=connect_timeout,
     )
     raise typer.Exit(fleet_launch.run_node(spec))
 

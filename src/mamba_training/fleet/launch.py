@@ -46,7 +46,7 @@ class LaunchSpec:
     last_call_s: int = 2  # how long a completing round waits for latecomers
     keep_alive_s: int = 1  # heartbeat period; a node silent for 5 of them is dead
     join_timeout_s: int = 600
-    shutdown_timeout_s: int = 90  # SIGTERM -> SIGKILL for workers: covers an emergency flush
+    shutdown_timeout_s: int = 50  # SIGTERM -> SIGKILL for workers: covers an emergency flush
     connect_timeout_s: float = 30.0  # nodes and the coordinator boot in any order
 
 
@@ -85,6 +85,8 @@ def run_node(spec: LaunchSpec) -> int:
     _leave_on_signals()
     watcher = _LeaveWatcher(node_dir / LEAVING_MARKER)
     watcher.start()
+    log.info("waiting for %d nodes (up to %d) at %s:%d, run %s", spec.nnodes.low, spec.nnodes.high, host, port,
+             spec.run_id)
     try:
         outcome, codes = _run_agent(spec)
     finally:
