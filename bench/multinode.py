@@ -47,6 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def metric_lines(run: Path) -> list[tuple[str, int]]:
     """(segment, step) of every metrics line written so far."""
     out = []
@@ -88,7 +99,7 @@ class Run:
                     "--set", f"train.max_steps={max_steps}", "--set", "checkpoint.every_steps=1000", *SMALL, *spot]
             log = (work / f"node_{name}.log").open("w")
             self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
+                                                start_new_session=True)  # its own group: signals to the test do not reach it
 
     def check_alive(self) -> None:
         for name, proc in self.nodes.items():
@@ -110,13 +121,15 @@ class Run:
                 f"{emulator.url}/control/interrupt?action=terminate", method="POST"), timeout=5).read()
         elif self.stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group we created for this node
+        else:  # the instance vanishes: the agent and its trainers (torch starts them in sessions of their own)
+            for pid in [*children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         for proc in self.nodes.values():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                for pid in [*children(proc.pid), proc.pid]:
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
         self.coordinator.terminate()
         self.coordinator.wait()

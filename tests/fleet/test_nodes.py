@@ -51,3 +51,20 @@ def test_coordinator_endpoint_rejects_bad_input(text):
 ])
 def test_node_exit_code(outcome, worker_codes, code):
     assert node_exit_code(outcome, worker_codes) == code
+
+
+@pytest.mark.parametrize("batch, accum, nnodes, nproc, bad", [
+    (12, 1, NodeRange(1, 3), 1, None), (12, 1, NodeRange(1, 5), 1, "for 5"), (4, 1, NodeRange(1, 3), 1, "for 3"),
+    (16, 2, NodeRange(1, 2), 4, None), (16, 2, NodeRange(1, 2), 8, "for 8, 16"), (8, 1, NodeRange(2, 2), 4, None),
+])
+def test_the_global_batch_must_split_over_every_world_size_the_run_can_take(batch, accum, nnodes, nproc, bad):
+    from mamba_training.config import load_config
+    from mamba_training.errors import ConfigError
+    from mamba_training.fleet.launch import check_batch_fits
+
+    config = load_config(None, [f"train.batch_size={batch}", f"train.grad_accum={accum}"])
+    if bad is None:
+        check_batch_fits(config, nnodes, nproc)
+    else:
+        with pytest.raises(ConfigError, match=f"train.batch_size {batch} .* {bad}$"):
+            check_batch_fits(config, nnodes, nproc)

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 36
 TRAIN = ["--set", "model.d_model=32", "--set", "model.n_layer=1", "--set", "train.seq_len=32",
-         "--set", "train.batch_size=4", "--set", "train.warmup_steps=4", "--set", "train.log_every=1",
+         "--set", "train.batch_size=12", "--set", "train.warmup_steps=4", "--set", "train.log_every=1",
          "--set", "train.eval_every=100000", "--set", "train.sample_tokens=0", "--set", "train.threads=1",
          "--set", f"train.max_steps={MAX_STEPS}", "--set", "checkpoint.every_steps=1000",
          "--set", "spot.poll_seconds=0.2", "--set", "logging.tensorboard=false", "--set", "logging.plot=false",
@@ -94,9 +94,12 @@ class Cluster:
 
     def start_node(self, name: str, hold_at: list[int], nnodes: str = "1:2") -> subprocess.Popen:
         self.control(name).mkdir(exist_ok=True)
+        if name in self.imds:  # the same instance started again
+            self.imds[name].stop()
         self.imds[name] = ImdsEmulator("127.0.0.1", 0).start()
-        env = {**self.env, "MAMBA_TRAINING_HOLD_AT": ",".join(map(str, hold_at)),
-               "MAMBA_TRAINING_CONTROL_DIR": str(self.control(name))}
+        env = dict(self.env)
+        if hold_at:
+            env.update(MAMBA_TRAINING_HOLD_AT=",".join(map(str, hold_at)), MAMBA_TRAINING_CONTROL_DIR=str(self.control(name)))
         args = [sys.executable, "-m", "mamba_training", "launch", "--coordinator", f"127.0.0.1:{self.port}",
                 "--nnodes", nnodes, "--", *TRAIN, "--set", f"train.seed={self.seed}",
                 "--set", f"checkpoint.store={self.store}", "--set", f"checkpoint.cache_dir={self.tmp / name / 'cache'}",
@@ -215,3 +218,46 @@ def test_notice_to_the_node_without_rank_0_then_a_replacement_joins_then_a_node_
     assert cluster.manifests()[-1]["step"] == MAX_STEPS
     assert json.loads((cluster.store / "latest.json").read_text())["step"] == MAX_STEPS
     assert cluster.final_loss() == pytest.approx(straight_loss(cluster.tmp, cluster.seed), rel=0.05)
+
+
+def test_notice_to_the_rank_0_node_then_sigterm_to_a_node_then_the_coordinator_restarts(cluster: Cluster) -> None:
+    names = ["a", "b", "c"]
+    for name in names:
+        cluster.start_node(name, [8, 18, 28], nnodes="1:3")
+    for name in names:
+        cluster.reached(name, 8)
+    warned = cluster.rank0(names, 3)
+    rest = [n for n in names if n != warned]
+
+    # A notice to the node holding rank 0: it still commits step 8 once, then leaves (75); the
+    # other two re-form, one of them now rank 0, from step 8.
+    cluster.imds[warned].interrupt("terminate")
+    assert cluster.nodes[warned].wait(timeout=WAIT) == 75
+    for name in rest:
+        cluster.reached(name, 18)
+    assert resumes(cluster.events())[-1] == (8, 2)
+
+    # systemd stops one node (SIGTERM to its launcher): step 18 is committed, that node exits 75
+    # and the last one continues alone from step 18.
+    stopped, last = rest
+    cluster.nodes[stopped].send_signal(signal.SIGTERM)
+    assert cluster.nodes[stopped].wait(timeout=WAIT) == 75
+    cluster.reached(last, 28)
+    assert resumes(cluster.events())[-1] == (18, 1)
+
+    # The coordinator goes away: the node's agent loses the rendezvous, its trainer commits step
+    # 28 and the node exits 1 (systemd restarts it); with a new coordinator it resumes at 28.
+    cluster.coordinator.terminate()
+    cluster.coordinator.wait(timeout=60)
+    assert cluster.nodes[last].wait(timeout=WAIT) == 1
+    cluster.start_coordinator()
+    assert cluster.start_node(last, [], nnodes="1:3").wait(timeout=WAIT) == 0
+
+    events = cluster.events()
+    assert resumes(events) == [(0, 3), (8, 2), (18, 1), (28, 1)]
+    stops = {e["step"]: e for e in events if e["kind"] == "exit" and e["step"] < MAX_STEPS}
+    assert stops[8]["reason"] == "interruption:terminate" and stops[8]["lost_steps"] == 0  # rank 0 was warned
+    assert all(stops[s]["committed_step"] == s for s in (8, 18, 28))
+    commits = [e["checkpoint_step"] for e in events if e["kind"] == "checkpoint"]
+    assert {8, 18, 28, MAX_STEPS} <= set(commits) and len(commits) == len(set(commits))
+    assert json.loads((cluster.store / "latest.json").read_text())["step"] == MAX_STEPS

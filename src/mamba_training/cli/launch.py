@@ -37,6 +37,7 @@ def launch(
     setup_logging("INFO")
     endpoint, node_range = parse_endpoint(coordinator_at), parse_nnodes(nnodes)
     config = fleet_launch.check_train_options(list(ctx.args))
+    fleet_launch.check_batch_fits(config, node_range, nproc_per_node)
     spec = fleet_launch.LaunchSpec(
         coordinator=endpoint, nnodes=node_range, nproc_per_node=nproc_per_node,
         run_id=run_id or fleet_launch.default_run_id(config), train_args=tuple(ctx.args),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mamba_training.config import Config, load_config
+from mamba_training.errors import EXIT_USAGE, ConfigError
 from mamba_training.fleet.coordinator import claim_node_shape, wait_reachable
 from mamba_training.fleet.nodes import LEAVING_MARKER, NODE_DIR_ENV, NodeRange, Outcome, node_exit_code
 
@@ -64,6 +65,18 @@ def check_train_options(train_args: list[str]) -> Config:
             else:
                 overrides.append(value)
     return load_config(config, overrides)
+
+
+def check_batch_fits(config: Config, nnodes: NodeRange, nproc_per_node: int) -> None:
+    """The global batch is split evenly over the ranks at every size the run can take."""
+    batch = config.train.batch_size
+    sizes = [n * nproc_per_node for n in range(nnodes.low, nnodes.high + 1)]
+    bad = [w for w in sizes if batch % (w * config.train.grad_accum)]
+    if bad:
+        raise ConfigError(
+            f"train.batch_size {batch} must split evenly over every world size of --nnodes "
+            f"{nnodes.low}:{nnodes.high} x {nproc_per_node} processes (x train.grad_accum "
+            f"{config.train.grad_accum}); it does not for {', '.join(map(str, bad))}")
 
 
 def default_run_id(config: Config) -> str:
@@ -175,6 +188,12 @@ def _node_agent_class():
 
         def _stop_workers(self, worker_group) -> None:  # noqa: ANN001 - torch's signature
             self._shutdown(timeout=self._shutdown_timeout)
+
+        def _monitor_workers(self, worker_group):  # noqa: ANN001, ANN202
+            result = super()._monitor_workers(worker_group)
+            if result.is_failed() and any(f.exitcode == EXIT_USAGE for f in result.failures.values()):
+                self._remaining_restarts = 0  # a bad config fails the same way on every restart
+            return result
 
         def _rendezvous(self, worker_group) -> None:  # noqa: ANN001
             super()._rendezvous(worker_group)
