@@ -2,6 +2,14 @@
 # Every bad input must stop the plan at the variable or resource that names it.
 
 mock_provider "aws" {
+  # The coordinator's fixed address is in every instance's env file: known at plan here.
+  mock_resource "aws_network_interface" {
+    override_during = plan
+    defaults = {
+      private_ip = "10.0.0.5"
+    }
+  }
+
   mock_data "aws_iam_policy_document" {
     defaults = {
       json = "{\"Version\":\"2012-10-17\",\"Statement\":[]}"
