@@ -24,6 +24,8 @@ locals {
     "MAMBA_QUEUE_URL=${aws_sqs_queue.jobs.url}",
     "MAMBA_JOBS_STORE=s3://${aws_s3_bucket.checkpoints.id}/${var.jobs_prefix}",
     "MAMBA_ASG_NAME=${local.asg_name}",
+    "MAMBA_COORDINATOR=${local.coordinator_endpoint}",
+    "MAMBA_NNODES=${local.nnodes}",
     "MAMBA_LOG_DIR=${local.log_dir}",
     "MAMBA_VENV=${local.app_dir}/venv",
     "PYTHONUNBUFFERED=1",

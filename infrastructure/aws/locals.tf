@@ -40,4 +40,21 @@ locals {
   # Families the current Deep Learning AMIs no longer support (their drivers dropped them).
   dlami_unsupported_families = ["p2", "p3", "g3", "g4ad"]
   instance_families          = [for t in var.instance_types : split(".", t)[0]]
+
+  # GPUs per instance type: every node of a run starts one trainer per GPU, and torchrun needs
+  # the same number on every node, so a run's instance types must agree (variables.tf checks).
+  gpus_per_instance_type = {
+    "g4dn.xlarge"   = 1, "g4dn.2xlarge" = 1, "g4dn.4xlarge" = 1, "g4dn.8xlarge" = 1, "g4dn.16xlarge" = 1,
+    "g4dn.12xlarge" = 4, "g4dn.metal" = 8,
+    "g5.xlarge"     = 1, "g5.2xlarge" = 1, "g5.4xlarge" = 1, "g5.8xlarge" = 1, "g5.16xlarge" = 1,
+    "g5.12xlarge"   = 4, "g5.24xlarge" = 4, "g5.48xlarge" = 8,
+    "g6.xlarge"     = 1, "g6.2xlarge" = 1, "g6.4xlarge" = 1, "g6.8xlarge" = 1, "g6.16xlarge" = 1,
+    "g6.12xlarge"   = 4, "g6.24xlarge" = 4, "g6.48xlarge" = 8,
+    "g6e.xlarge"    = 1, "g6e.2xlarge" = 1, "g6e.4xlarge" = 1, "g6e.8xlarge" = 1, "g6e.16xlarge" = 1,
+    "g6e.12xlarge"  = 4, "g6e.24xlarge" = 4, "g6e.48xlarge" = 8,
+    "p3.2xlarge"    = 1, "p3.8xlarge" = 4, "p3.16xlarge" = 8,
+    "p4d.24xlarge"  = 8, "p4de.24xlarge" = 8, "p5.48xlarge" = 8, "p5e.48xlarge" = 8, "p5en.48xlarge" = 8,
+  }
+  gpus_per_node = local.gpus_per_instance_type[var.instance_types[0]]
+  nnodes        = "${var.min_nodes_per_run}:${var.max_nodes_per_run}"
 }

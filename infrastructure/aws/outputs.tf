@@ -67,3 +67,13 @@ output "region" {
   description = "Region of the stack."
   value       = var.region
 }
+
+output "coordinator_endpoint" {
+  description = "HOST:PORT of the rendezvous coordinator (launch --coordinator); a fixed private address."
+  value       = local.coordinator_endpoint
+}
+
+output "coordinator_autoscaling_group_name" {
+  description = "Auto scaling group (of 1, on demand) of the rendezvous coordinator."
+  value       = aws_autoscaling_group.coordinator.name
+}

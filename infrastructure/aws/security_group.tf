@@ -1,5 +1,5 @@
 ################################################################################
-# Security group: no inbound rules unless SSH CIDRs are given
+# Security group: inbound only from peers of the fleet (and SSH from the given CIDRs)
 ################################################################################
 
 locals {
@@ -50,6 +50,15 @@ resource "aws_vpc_security_group_ingress_rule" "ssh_v6" {
   from_port         = 22
   to_port           = 22
   cidr_ipv6         = each.value
+}
+
+# Peers of one run exchange rendezvous and collective traffic (the process group's store on
+# rank 0, gloo/NCCL sockets on ephemeral ports) with each other and with nobody else.
+resource "aws_vpc_security_group_ingress_rule" "training_peers" {
+  security_group_id            = aws_security_group.instances.id
+  description                  = "Rendezvous and collectives between training instances"
+  ip_protocol                  = "-1"
+  referenced_security_group_id = aws_security_group.instances.id
 }
 
 resource "aws_vpc_security_group_egress_rule" "all" {

@@ -61,6 +61,16 @@ variable "instance_types" {
   }
 
   validation {
+    condition     = alltrue([for t in var.instance_types : contains(keys(local.gpus_per_instance_type), t)])
+    error_message = "Every entry of instance_types must be a GPU type listed in local.gpus_per_instance_type (locals.tf), so that the stack can check that a run's nodes have the same GPU count; add a new type there."
+  }
+
+  validation {
+    condition     = length(distinct([for t in var.instance_types : lookup(local.gpus_per_instance_type, t, 0)])) <= 1
+    error_message = "The instance_types of one run must have the same GPU count (torchrun needs the same processes per node): see local.gpus_per_instance_type in locals.tf."
+  }
+
+  validation {
     condition     = length(distinct(var.instance_types)) == length(var.instance_types)
     error_message = "The instance_types list must not repeat a type."
   }
@@ -140,6 +150,59 @@ variable "desired_instances" {
   validation {
     condition     = var.desired_instances >= 0 && floor(var.desired_instances) == var.desired_instances
     error_message = "The desired_instances must be a whole number >= 0."
+  }
+}
+
+################################################################################
+# Multi-node runs
+################################################################################
+
+variable "min_nodes_per_run" {
+  description = "Fewest instances a run trains on (launch --nnodes MIN:MAX); with fewer it waits for more."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.min_nodes_per_run >= 1 && floor(var.min_nodes_per_run) == var.min_nodes_per_run
+    error_message = "The min_nodes_per_run must be a whole number >= 1."
+  }
+}
+
+variable "max_nodes_per_run" {
+  description = "Most instances a run trains on; one instance is --nnodes 1:1."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = floor(var.max_nodes_per_run) == var.max_nodes_per_run && var.max_nodes_per_run >= var.min_nodes_per_run
+    error_message = "The max_nodes_per_run must be a whole number >= min_nodes_per_run."
+  }
+
+  validation {
+    condition     = var.max_nodes_per_run <= var.max_instances
+    error_message = "The max_nodes_per_run must not exceed max_instances (the fleet could never reach it)."
+  }
+}
+
+variable "coordinator_instance_type" {
+  description = "On-demand instance type of the rendezvous coordinator (it serves a small TCP store)."
+  type        = string
+  default     = "t3.medium"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]*\\.[0-9]*(nano|micro|small|medium|large|xlarge)$", var.coordinator_instance_type))
+    error_message = "The coordinator_instance_type must be an EC2 instance type such as t3.medium."
+  }
+}
+
+variable "coordinator_port" {
+  description = "TCP port of the rendezvous store on the coordinator (launch --coordinator HOST:PORT)."
+  type        = number
+  default     = 29400
+
+  validation {
+    condition     = var.coordinator_port >= 1024 && var.coordinator_port <= 65535 && floor(var.coordinator_port) == var.coordinator_port
+    error_message = "The coordinator_port must be a whole number between 1024 and 65535."
   }
 }
 

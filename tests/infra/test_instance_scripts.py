@@ -109,28 +109,30 @@ def run_script(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, 75])
-def test_one_gpu_trains_in_place_and_its_exit_code_reaches_systemd(tmp_path: Path, imds, code: int) -> None:
+def test_one_gpu_is_a_one_process_node_and_its_exit_code_reaches_systemd(tmp_path: Path, code: int) -> None:
     calls, env = host(tmp_path, gpus=1, train_exit=code)
-    env["MAMBA_IMDS_URL"] = imds({}).url
+    env.update(MAMBA_COORDINATOR="10.0.0.5:29400", MAMBA_NNODES="1:1")
     result = run_script("start_training.sh", env)
     assert result.returncode == code
-    assert calls.read_text().split("\n")[0] == f"mamba-training train --config {env['MAMBA_CONFIG']} --resume auto"
+    assert calls.read_text().split("\n")[0] == (
+        "mamba-training launch --coordinator 10.0.0.5:29400 --nnodes 1:1 --nproc-per-node 1 -- "
+        f"--config {env['MAMBA_CONFIG']} --resume auto")
 
 
-def test_several_gpus_use_torchrun_and_a_spot_notice_turns_its_failure_into_preempted(tmp_path: Path, imds) -> None:
-    calls, env = host(tmp_path, gpus=4, train_exit=0)
-    server = imds({"spot/instance-action": '{"action": "terminate", "time": "2026-11-29T02:00:00Z"}'})
-    env["MAMBA_IMDS_URL"] = server.url
+@pytest.mark.parametrize("gpus, nproc", [(0, 1), (4, 4)])
+def test_a_node_runs_one_trainer_per_gpu_with_the_stacks_node_range(tmp_path: Path, gpus: int, nproc: int) -> None:
+    calls, env = host(tmp_path, gpus=gpus, train_exit=0)
+    env.update(MAMBA_COORDINATOR="10.0.0.5:29400", MAMBA_NNODES="2:4")
+    assert run_script("start_training.sh", env).returncode == 0
+    assert f"launch --coordinator 10.0.0.5:29400 --nnodes 2:4 --nproc-per-node {nproc} -- " in calls.read_text()
+
+
+def test_without_a_coordinator_the_script_says_so_and_fails(tmp_path: Path) -> None:
+    calls, env = host(tmp_path, gpus=1, train_exit=0)
+    env.pop("MAMBA_COORDINATOR", None)
     result = run_script("start_training.sh", env)
-    assert result.returncode == 75, result.stdout + result.stderr
-    assert "--nproc-per-node=4 -m mamba_training train" in calls.read_text()
-    assert server.unauthorized == 0  # every metadata read carried the IMDSv2 token
-
-
-def test_several_gpus_without_a_notice_report_the_failure_for_a_restart(tmp_path: Path, imds) -> None:
-    _, env = host(tmp_path, gpus=2, train_exit=0)
-    env["MAMBA_IMDS_URL"] = imds({"autoscaling/target-lifecycle-state": "InService"}).url
-    assert run_script("start_training.sh", env).returncode == 1
+    assert result.returncode != 0 and "MAMBA_COORDINATOR" in result.stderr
+    assert not calls.exists()
 
 
 def test_check_status_prints_service_gpus_step_checkpoint_and_spot_notice(tmp_path: Path, imds) -> None:

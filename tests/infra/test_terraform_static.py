@@ -84,6 +84,10 @@ BAD_INPUTS = {
     "schedule_that_sets_nothing": ["schedules", "at least one of min_size"],
     "hook_heartbeat_out_of_range": ["termination_hook_heartbeat_seconds", "30 and 7200"],
     "bad_jobs_prefix": ["jobs_prefix", "one path segment"],
+    "nodes_max_below_min": ["max_nodes_per_run", "min_nodes_per_run"],
+    "nodes_beyond_the_fleet": ["max_nodes_per_run", "max_instances"],
+    "mixed_gpu_counts": ["instance_types", "same GPU count"],
+    "gpu_count_unknown": ["instance_types", "gpus_per_instance_type"],
 }
 
 

@@ -188,7 +188,14 @@ class Dev:
         assert_role_and_profile("dev")
         assert_logs_queue_dashboard("dev", retention=14)
         sg = c("ec2").describe_security_groups(GroupIds=[values["security_group_id"]])["SecurityGroups"][0]
-        assert sg["IpPermissions"] == []  # no inbound rule without allowed_ssh_cidrs
+        # Without allowed_ssh_cidrs the only inbound rule is from the group itself (peers of a run).
+        assert [(p["IpProtocol"], [g["GroupId"] for g in p["UserIdGroupPairs"]], p["IpRanges"])
+                for p in sg["IpPermissions"]] == [("-1", [sg["GroupId"]], [])]
+        host, port = values["coordinator_endpoint"].rsplit(":", 1)
+        assert port == "29400" and host.count(".") == 3  # the fixed interface's private IP
+        group = c("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[values["coordinator_autoscaling_group_name"]])["AutoScalingGroups"][0]
+        assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"]) == (1, 1, 1)
 
 
 class Prod:

@@ -2,6 +2,14 @@
 # Every bad input must stop the plan at the variable or resource that names it.
 
 mock_provider "aws" {
+  # The coordinator's fixed address is in every instance's env file: known at plan here.
+  mock_resource "aws_network_interface" {
+    override_during = plan
+    defaults = {
+      private_ip = "10.0.0.5"
+    }
+  }
+
   mock_data "aws_iam_policy_document" {
     defaults = {
       json = "{\"Version\":\"2012-10-17\",\"Statement\":[]}"
@@ -279,4 +287,78 @@ run "instances_run_the_agent_with_the_jobs_environment" {
     condition     = aws_cloudwatch_metric_alarm.queue_backlog.comparison_operator == "GreaterThanOrEqualToThreshold" && aws_cloudwatch_metric_alarm.queue_backlog.threshold == 1
     error_message = "A step alarm on queue depth is the backup scale-out."
   }
+}
+
+run "multi_node_run_plans" {
+  command = plan
+
+  variables {
+    instance_types    = ["g5.12xlarge", "g6.12xlarge"]
+    max_instances     = 4
+    min_nodes_per_run = 2
+    max_nodes_per_run = 4
+  }
+
+  assert {
+    condition     = local.nnodes == "2:4" && local.gpus_per_node == 4
+    error_message = "Nodes get --nnodes MIN:MAX from the run's node range and one trainer per GPU."
+  }
+
+  assert {
+    condition     = aws_autoscaling_group.coordinator.min_size == 1 && aws_autoscaling_group.coordinator.max_size == 1
+    error_message = "The coordinator runs in an auto scaling group of exactly 1."
+  }
+
+  assert {
+    condition     = aws_launch_template.coordinator.instance_type == "t3.medium"
+    error_message = "The coordinator is a small on-demand instance (no spot options in its template)."
+  }
+
+  assert {
+    condition     = aws_vpc_security_group_ingress_rule.coordinator_from_training.from_port == 29400
+    error_message = "Training instances reach the coordinator on its port."
+  }
+}
+
+run "nodes_max_below_min" {
+  command = plan
+
+  variables {
+    max_instances     = 4
+    min_nodes_per_run = 3
+    max_nodes_per_run = 2
+  }
+
+  expect_failures = [var.max_nodes_per_run]
+}
+
+run "nodes_beyond_the_fleet" {
+  command = plan
+
+  variables {
+    max_instances     = 2
+    max_nodes_per_run = 3
+  }
+
+  expect_failures = [var.max_nodes_per_run]
+}
+
+run "mixed_gpu_counts" {
+  command = plan
+
+  variables {
+    instance_types = ["g5.xlarge", "g5.12xlarge"]
+  }
+
+  expect_failures = [var.instance_types]
+}
+
+run "gpu_count_unknown" {
+  command = plan
+
+  variables {
+    instance_types = ["g7.xlarge"]
+  }
+
+  expect_failures = [var.instance_types]
 }

@@ -14,7 +14,7 @@ import click
 import typer
 
 from mamba_training import __version__, cli
-from mamba_training.cli import checkpoints, costs, fleet, jobs, prepare, rehearse, spot, train
+from mamba_training.cli import checkpoints, costs, fleet, jobs, launch, prepare, rehearse, spot, train
 from mamba_training.errors import EXIT_USAGE, MambaTrainingError, Preempted
 
 try:
@@ -50,6 +50,7 @@ fleet.register(app)
 costs.register(app)
 jobs.register(app)
 rehearse.register(app)
+launch.register(app)
 app.add_typer(checkpoints.app, name="checkpoints")
 app.add_typer(spot.app, name="spot")
 

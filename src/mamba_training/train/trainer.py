@@ -13,6 +13,7 @@ metrics. A stop commits an emergency checkpoint, records why, and raises Preempt
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -33,7 +34,7 @@ from mamba_training.errors import EXIT_PREEMPTED, Preempted, UsageError
 from mamba_training.logging_setup import add_json_log
 from mamba_training.model import MambaConfig, MambaLM, load_hf_weights, save_hf
 from mamba_training.model.scan import resolve_scan_name
-from mamba_training.train import distributed, startup
+from mamba_training.train import distributed, leaving, startup
 from mamba_training.train.control import Control
 from mamba_training.train.metrics import CloudWatchSink, Sinks, TensorBoardSink
 from mamba_training.train.optim import build_optimizer, build_scheduler
@@ -42,6 +43,9 @@ from mamba_training.train.records import LEDGER, LOG, RecordWriter, new_segment_
 from mamba_training.train.report import describe_event
 from mamba_training.train.state import TrainState, seed_rng
 from mamba_training.train.stopping import BUDGET, PREEMPT, Decision, StopPath, save_fits
+
+# How long a leaving node's workers wait for their launcher to stop them after the commit.
+LEAVE_WAIT_SECONDS = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -494,9 +498,13 @@ class Trainer:
             self._record_event("exit", reason=stop.reason, exit_code=EXIT_PREEMPTED, committed_step=committed,
                                notice_to_durable_s=round(notice_to_durable, 3), lost_steps=lost)
             self._upload_records()
+        node = int(os.environ.get("GROUP_RANK", "0"))  # this node, under torchrun or `launch`
+        views = distributed.all_gather_object((node, leaving.node_is_leaving(stop.reason)), self.dist)
         # No rank leaves before rank 0 has made the checkpoint durable: a launcher that sees one
         # worker exit may kill the others, rank 0's upload with them.
         distributed.barrier(self.dist)
+        if leaving.node_leaves(views, node):  # the other nodes re-form without this one
+            leaving.mark_and_wait(stop.reason, wait_s=LEAVE_WAIT_SECONDS)
         result = self._result("preempted", resumed_from, started)
         result.reason, result.notice_to_durable_s, result.lost_steps = stop.reason, notice_to_durable, lost
         raise Preempted(
