@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -30,13 +31,26 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Console lines on whatever `sys.stderr` is when a record is written, not the one set up
+    first: a caller that swaps stderr (a test's capture, an embedding program) still gets them."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str = "info", console: bool = True) -> None:
     """Configure the package logger once: console lines at `level`."""
     logger = logging.getLogger("mamba_training")
     logger.setLevel(level.upper())
     logger.propagate = False
     if console and not any(getattr(h, "_mt_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
         handler._mt_console = True  # type: ignore[attr-defined]
         handler.addFilter(lambda record: getattr(record, "console", True))  # extra={"console": False}: log file only

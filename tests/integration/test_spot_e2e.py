@@ -346,7 +346,7 @@ def test_an_unreachable_emulator_does_not_stop_training(baseline: dict, data: Pa
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run = Training(tmp_path, "unreachable", str(tmp_path / "run"), f"spot.imds_url={url}", data=data)
     assert run.wait() == 0, run.output()
-    assert run.output().count(f"IMDS {url} unavailable") == 1  # once per failure streak, not per poll
+    assert run.log.read_text().count(f"IMDS {url} unavailable") == 1  # once per failure streak, not per poll
     assert_same_weights(baseline, load_file(tmp_path / "run" / "final" / "model.safetensors"))
 
 

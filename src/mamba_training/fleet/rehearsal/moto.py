@@ -43,13 +43,13 @@ def pointed_at(endpoint: str) -> Iterator[None]:
     os.environ.update(aws_env(endpoint, saved))
     from mamba_training.aws import session
 
-    session._session.cache_clear()  # sessions cache credentials read from the old environment
+    session._cached_session.cache_clear()  # sessions cache credentials read from the old environment
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        session._session.cache_clear()
+        session._cached_session.cache_clear()
 
 
 def check_installed() -> None:
