@@ -16,6 +16,7 @@ BIN = Path(sys.executable).parent / "mamba-training"
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    capsys.readouterr()  # only the command's own output counts
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     out, err = capsys.readouterr()

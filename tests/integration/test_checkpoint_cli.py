@@ -23,6 +23,7 @@ def cli(capsys, *args: str, stdin: str | None = None, monkeypatch=None) -> tuple
         import io
 
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()  # what the test's own set-up printed (e.g. the log lines of write_run) is not the command's
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
     out, err = capsys.readouterr()

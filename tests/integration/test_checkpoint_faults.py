@@ -197,6 +197,7 @@ def test_cli_access_denied_is_one_line_exit_1(proxy: FaultProxy, capsys) -> None
     from mamba_training.cli.main import main
 
     proxy.add("status", method="GET", status=403)
+    capsys.readouterr()  # only the command's own output counts
     with pytest.raises(SystemExit) as exit_info:
         main(["checkpoints", "list", f"s3://{BUCKET}/runs/faulty"])
     err = capsys.readouterr().err
