@@ -219,6 +219,12 @@ class CheckpointManager:
         self._raise_failures()
         return self._last_commit
 
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until the in-flight save has finished everything, retention included (`flush()`
+        returns at the commit, while retention may still be deleting): for callers that change
+        the store themselves next."""
+        self._wait(timeout)
+
     def close(self) -> None:
         """Wait for the in-flight save and detach from the optimizers; failures are left to flush()."""
         try:
