@@ -67,7 +67,7 @@ def params(model) -> int:
 
 # --------------------------------------------------------------------------- (a) stall
 def bench_stall(size: str, workdir: Path, saves: int) -> dict:
-    import torch
+    from saves import sync_save_seconds  # bench/saves.py, beside this script
 
     from mamba_training.checkpoint import CheckpointManager, CheckpointPolicy
 
@@ -83,13 +83,7 @@ def bench_stall(size: str, workdir: Path, saves: int) -> dict:
         step(model, optimizer)
         step_times.append(time.perf_counter() - start)
 
-    sync = []
-    for i in range(2):
-        path = workdir / f"sync-{i}.pt"
-        start = time.perf_counter()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-        sync.append(time.perf_counter() - start)
-        path.unlink()
+    sync = sync_save_seconds(model, optimizer, workdir)
 
     stalls, calls, commits, copies = [], [], [], []
     for i in range(saves):

@@ -167,6 +167,7 @@ def measure(name: str, build: Callable, shape: dict, batch: int, device, warmup:
 
 def checkpoint_stall(shape: dict, device, workdir: Path, saves: int, deadline: float) -> dict[str, Any]:
     import torch
+    from saves import sync_save_seconds  # bench/saves.py, beside this script
 
     from mamba_training.checkpoint import CheckpointManager, CheckpointPolicy
     from mamba_training.train.optim import adamw_implementation
@@ -184,13 +185,7 @@ def checkpoint_stall(shape: dict, device, workdir: Path, saves: int, deadline: f
     step()
     step()
     synchronize(device)
-    sync = []
-    for i in range(2):
-        path = workdir / f"sync-{i}.pt"
-        start = time.perf_counter()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
-        sync.append(time.perf_counter() - start)
-        path.unlink()
+    sync = sync_save_seconds(model, optimizer, workdir)
     stalls, copies, commits, steps_during = [], [], [], []
     for i in range(saves):
         if time.monotonic() > deadline and stalls:
