@@ -18,7 +18,8 @@ torchft trials (one group is hit once its step --at is committed):
   kill-patched   the same, with a comm hook that returns the bucket when the all-reduce failed
                  (torchft's stock hook asserts on it); the step is then not committed
   join           after `leave`, once the survivor trained 30 more steps, a third group starts and
-                 heals from the live survivor (HTTP checkpoint)
+                 heals from the live survivor (HTTP checkpoint); these groups train until the
+                 bench ends them (SIGKILL, once the joiner committed 20 steps with 2 participants)
 Measured from each process's own per-step lines (time.monotonic, system-wide on Linux):
   downtime   stop -> the survivor's first committed step with 1 participant (as bench/multinode.py)
   gap        survivor's last 2-participant step -> its first 1-participant step
