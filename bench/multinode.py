@@ -11,6 +11,8 @@ Measured, from the run's metrics lines as they appear on disk (polled every 20 m
   downtime     stop -> first step of the survivor at world size 1
   steps lost   steps trained before the stop that the resumed run trains again
   steps/s      over the last 10 steps before the stop and the first 10 after
+  step ms      median time between steps before (past the first 10) and after, from the
+               trainer's own metrics (elapsed_s): robust to other load on the machine
 The first measured run's launch logs are left in --keep DIR when given.
 
     .venv/bin/python bench/multinode.py                        # notice to the node without rank 0
@@ -28,6 +30,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,6 +140,19 @@ class Run:
             emulator.stop()
 
 
+def step_ms_median(run: Path, segments: set[str], skip: int) -> float | None:
+    """Median time between consecutive steps of these segments, from the trainer's own elapsed_s
+    (monotonic, ms resolution; the first `skip` steps of each segment are warm-up)."""
+    intervals = []
+    for segment in segments:
+        path = run / "records" / segment / "metrics.jsonl"
+        elapsed = [json.loads(line)["elapsed_s"] for line in path.read_text().splitlines()
+                   if line.strip() and "elapsed_s" in line] if path.exists() else []
+        elapsed = elapsed[skip:]
+        intervals += [b - a for a, b in zip(elapsed, elapsed[1:])]
+    return round(1000 * statistics.median(intervals), 1) if intervals else None
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,6 +208,8 @@ def trial(stop: str, warn: str, at: int, max_steps: int, keep: Path | None) -> d
         "last_step_before": last_before, "first_step_after": first_after, "final_step": final,
         "steps_per_s_before": round(rate(before[-10:]), 2), "steps_per_s_after": round(rate(after[:10]), 2),
         "exit_codes": {"warned": codes[warned], "survivor": codes[survivor]},
+        "step_ms_median_before": step_ms_median(run.run_dir, old_segments, skip=10),
+        "step_ms_median_after": step_ms_median(run.run_dir, {seg for seg, _ in seen} - old_segments, skip=0),
     }
     if keep is not None:
         shutil.copytree(work, keep / f"{stop}-{warn}", dirs_exist_ok=True, ignore=shutil.ignore_patterns("run"))
