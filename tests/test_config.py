@@ -111,7 +111,8 @@ def test_a_batch_that_does_not_split_names_the_keys_and_the_world_size(
 @pytest.mark.parametrize(("overrides", "named"), [
     (["train.batch_size=16", "train.micro_batch_size=5"], r"train\.micro_batch_size 5"),  # not even on one process
     (["train.micro_batch_size=0"], r"config key train\.micro_batch_size: .*greater than 0"),
-    (["train.micro_batch_size=2", "train.grad_accum=4"], r"^set train\.micro_batch_size \(2\) or train\.grad_accum \(4\), not both"),
+    (["train.micro_batch_size=2", "train.grad_accum=4"],
+     r"^set train\.micro_batch_size \(2\) or train\.grad_accum \(4\), not both"),
 ])
 def test_a_bad_micro_batch_size_is_refused_at_load(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):

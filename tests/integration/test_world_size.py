@@ -54,7 +54,8 @@ def test_one_process_and_two_ranks_train_the_same_steps_with_a_fixed_micro_batch
     starts = {name: next(e for e in records(tmp_path / name, "events.jsonl") if e["kind"] == "start")
               for name in ("one", "two")}
     # 8 sequences a step either way: 1 rank x 4 micro-batches x 2, or 2 ranks x 2 x 2.
-    assert [(s["world_size"], s["grad_accum"], s["micro_batch_size"]) for s in starts.values()] == [(1, 4, 2), (2, 2, 2)]
+    split = [(s["world_size"], s["grad_accum"], s["micro_batch_size"]) for s in starts.values()]
+    assert split == [(1, 4, 2), (2, 2, 2)]
 
 
 def test_a_micro_batch_that_does_not_fit_the_world_size_is_one_line_and_exit_2(tmp_path: Path) -> None:

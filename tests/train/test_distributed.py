@@ -5,9 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from mamba_training.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, backends
+from mamba_training.train.distributed import DistInfo, all_reduce_max, all_reduce_mean, backends, peer_lost
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("timeout_worker.py")
@@ -47,3 +48,18 @@ def test_the_collective_timeout_reaches_the_process_group_and_long_waits_outlast
     assert result["raised"] is True
     assert "Timed out" in result["message"]
     assert result["seconds"] < 120  # the timeout is 2 s; torch's default would be 30 min
+
+
+@pytest.mark.parametrize(("message", "lost"), [
+    ("[/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete",
+     "a peer stopped answering or went away (train.collective_timeout_s 10s): Timed out waiting 10000ms for recv "
+     "operation to complete"),
+    ("[/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5678",
+     "a peer stopped answering or went away (train.collective_timeout_s 10s): Connection closed by peer "
+     "[127.0.0.1]:5678"),
+    ("CUDA out of memory", None),  # not a lost peer: the original error stands
+    ("", None),
+])
+def test_a_lost_peer_becomes_one_line_naming_the_timeout(message: str, lost: str | None) -> None:
+    found = peer_lost(RuntimeError(message), 10.0)
+    assert (str(found) if found is not None else None) == lost

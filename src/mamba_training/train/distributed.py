@@ -24,7 +24,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mamba_training.errors import ConfigError
+from mamba_training.errors import ConfigError, MambaTrainingError
+
+
+# How gloo words a peer that stopped answering (its timeout) or went away (a reset): torch raises
+# these as plain RuntimeErrors, from our collectives and from DDP's gradient all-reduce alike.
+_PEER_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+class PeerLost(MambaTrainingError):
+    """A collective failed because another rank stopped answering or went away (exit 1: the
+    launcher re-forms the run, which resumes from the last commit)."""
+
+
+def peer_lost(error: RuntimeError, collective_timeout_s: float) -> PeerLost | None:
+    """The error as a PeerLost naming the timeout, or None when it is not a lost peer."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not any(marker in first for marker in _PEER_FAILURES):
+        return None
+    return PeerLost(f"a peer stopped answering or went away (train.collective_timeout_s {collective_timeout_s:g}s): "
+                    f"{first.split('] ', 1)[-1]}")
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,11 @@ class Trainer:
         self.stopping.install_signals()
         try:
             return self._run()
+        except RuntimeError as error:  # a peer lost mid-collective: one line, not torch's traceback
+            lost = distributed.peer_lost(error, self.config.train.collective_timeout_s) if self.dist.enabled else None
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             self.stopping.restore_signals()
             if getattr(self, "watcher", None) is not None:
