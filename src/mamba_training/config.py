@@ -87,6 +87,8 @@ class TrainConfig(_Section):
     # How long the ranks wait for each other where one of them does slow work alone (rank 0
     # preparing the corpus or committing and uploading a checkpoint, unequal restores): these
     # waits use a group of their own with this timeout (docs/design.md, "Multi-node training").
+    # A fixed bound, torch's gloo default, not one derived from spot.grace_seconds: corpus
+    # preparation and a final upload grow with the data and the model, not with the stop grace.
     long_wait_timeout_s: float = Field(1800.0, gt=0, le=86400)
 
 
