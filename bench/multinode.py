@@ -7,7 +7,11 @@ one node is stopped:
   notice   a spot interruption notice from that node's IMDS emulator (the production path)
   sigterm  SIGTERM to that node's launcher (systemd stopping the unit)
   kill     SIGKILL to that node's whole process group (the instance vanishes)
-Measured, from the run's metrics lines as they appear on disk (polled every 20 ms):
+  freeze   SIGSTOP to it (a network cut: no TCP reset); SIGKILLed once the survivor re-formed
+The run checkpoints every --every steps (25), so a node lost without warning costs the steps
+since the last commit. Measured, from the run's files and logs as they appear (polled every 20 ms):
+  detected     stop -> the survivor's trainer reports the lost peer (freeze: bounded by
+               train.collective_timeout_s, --collective-timeout, default 60 s)
   downtime     stop -> first step of the survivor at world size 1
   steps lost   steps trained before the stop that the resumed run trains again
   steps/s      over the last 10 steps before the stop and the first 10 after
@@ -17,6 +21,7 @@ The first measured run's launch logs are left in --keep DIR when given.
 
     .venv/bin/python bench/multinode.py                        # notice to the node without rank 0
     .venv/bin/python bench/multinode.py --stop kill --stop sigterm --warn rank0
+    .venv/bin/python bench/multinode.py --stop freeze --collective-timeout 20
 
 Writes bench/results/multinode.json (or --out).
 """
@@ -77,7 +82,7 @@ def metric_lines(run: Path) -> list[tuple[str, int]]:
 class Run:
     """A coordinator and two nodes in their own process groups; every process is ours."""
 
-    def __init__(self, work: Path, stop: str, max_steps: int) -> None:
+    def __init__(self, work: Path, stop: str, max_steps: int, every: int, collective_timeout: float) -> None:
         self.work, self.stop = work, stop
         self.run_dir = work / "run"
         self.env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -99,7 +104,8 @@ class Run:
                 spot = ["--set", f"spot.imds_url={emulator.url}", "--set", "spot.poll_seconds=0.5"]
             args = [sys.executable, "-m", "mamba_training", "launch", "--coordinator", f"127.0.0.1:{port}",
                     "--nnodes", "1:2", "--", "--set", f"checkpoint.store={self.run_dir}",
-                    "--set", f"train.max_steps={max_steps}", "--set", "checkpoint.every_steps=1000", *SMALL, *spot]
+                    "--set", f"train.max_steps={max_steps}", "--set", f"checkpoint.every_steps={every}",
+                    "--set", f"train.collective_timeout_s={collective_timeout}", *SMALL, *spot]
             log = (work / f"node_{name}.log").open("w")
             self.nodes[name] = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True)  # its own group: signals to the test do not reach it
@@ -124,9 +130,16 @@ class Run:
                 f"{emulator.url}/control/interrupt?action=terminate", method="POST"), timeout=5).read()
         elif self.stop == "sigterm":
             proc.send_signal(signal.SIGTERM)
-        else:  # the instance vanishes: the agent and its trainers (torch starts them in sessions of their own)
-            for pid in [*children(proc.pid), proc.pid]:
-                os.kill(pid, signal.SIGKILL)
+        else:  # the agent and its trainers (torch starts them in sessions of their own) vanish or freeze
+            self.signal_node(name, signal.SIGSTOP if self.stop == "freeze" else signal.SIGKILL)
+
+    def signal_node(self, name: str, signum: int) -> None:
+        proc = self.nodes[name]
+        for pid in [*children(proc.pid), proc.pid]:
+            os.kill(pid, signum)
+
+    def said(self, name: str, text: str) -> bool:
+        return text in (self.work / f"node_{name}.log").read_text()
 
     def close(self) -> None:
         for proc in self.nodes.values():
@@ -163,9 +176,10 @@ def wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(what)
 
 
-def trial(stop: str, warn: str, at: int, max_steps: int, keep: Path | None) -> dict:
+def trial(stop: str, warn: str, at: int, max_steps: int, every: int, collective_timeout: float,
+          keep: Path | None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-multinode-"))
-    run = Run(work, stop, max_steps)
+    run = Run(work, stop, max_steps, every, collective_timeout)
     seen: dict[tuple[str, int], float] = {}
 
     def poll(check: bool = True) -> list[tuple[str, int]]:
@@ -182,12 +196,19 @@ def trial(stop: str, warn: str, at: int, max_steps: int, keep: Path | None) -> d
         rank0 = run.rank0_node()
         warned = rank0 if warn == "rank0" else ({"a", "b"} - {rank0}).pop()
         old_segments = {seg for seg, _ in seen}
+        survivor = ({"a", "b"} - {warned}).pop()
         t_stop = time.monotonic()
         run.stop_node(warned)
+        detected = None
+        if stop in ("kill", "freeze"):  # the survivor's trainer fails its collective and says so
+            wait_for(lambda: run.said(survivor, "error: a peer stopped answering"), 600, "the lost peer")
+            detected = time.monotonic() - t_stop
+        if stop == "freeze":
+            wait_for(lambda: run.said(survivor, "as group rank 0 of 1 nodes"), 300, "the re-form")
+            run.signal_node(warned, signal.SIGKILL)  # the frozen instance never comes back
         new = wait_for(lambda: [k for k in poll(check=False) if k[0] not in old_segments], 300,
                        "a step after the re-form")
         t_first = min(seen[k] for k in new)
-        survivor = ({"a", "b"} - {warned}).pop()
         wait_for(lambda: poll(check=False) and all(p.poll() is not None for p in run.nodes.values()), 900,
                  "both nodes to exit")
         codes = {warned: run.nodes[warned].returncode, survivor: run.nodes[survivor].returncode}
@@ -204,6 +225,8 @@ def trial(stop: str, warn: str, at: int, max_steps: int, keep: Path | None) -> d
 
     result = {
         "stop": stop, "warned": "rank0" if warned == rank0 else "other", "at_step": at,
+        "checkpoint_every": every, "collective_timeout_s": collective_timeout,
+        "detected_s": None if detected is None else round(detected, 2),
         "downtime_s": round(t_first - t_stop, 2), "steps_lost": max(0, last_before - (first_after - 1)),
         "last_step_before": last_before, "first_step_after": first_after, "final_step": final,
         "steps_per_s_before": round(rate(before[-10:]), 2), "steps_per_s_after": round(rate(after[:10]), 2),
@@ -219,26 +242,32 @@ def trial(stop: str, warn: str, at: int, max_steps: int, keep: Path | None) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stop", action="append", choices=["notice", "sigterm", "kill"])
+    parser.add_argument("--stop", action="append", choices=["notice", "sigterm", "kill", "freeze"])
     parser.add_argument("--warn", choices=["other", "rank0"], default="other")
     parser.add_argument("--at", type=int, default=150, help="stop a node once this step is trained")
     parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=25, help="checkpoint.every_steps of the run")
+    parser.add_argument("--collective-timeout", type=float, default=60.0, help="train.collective_timeout_s")
     parser.add_argument("--keep", type=Path, default=None, help="copy the logs of each trial here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "multinode.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     results = []
     for stop in args.stop or ["notice"]:
-        result = trial(stop, args.warn, args.at, args.max_steps, args.keep)
+        result = trial(stop, args.warn, args.at, args.max_steps, args.every, args.collective_timeout, args.keep)
         results.append(result)
-        print(f"{stop:8s} warned={result['warned']:6s} downtime {result['downtime_s']:6.2f} s  "
+        detected = "-" if result["detected_s"] is None else f"{result['detected_s']:.2f} s"
+        print(f"{stop:8s} warned={result['warned']:6s} detected {detected:>8s}  "
+              f"downtime {result['downtime_s']:6.2f} s  "
               f"steps lost {result['steps_lost']}  steps/s {result['steps_per_s_before']:.2f} -> "
               f"{result['steps_per_s_after']:.2f}  final step {result['final_step']}  exits {result['exit_codes']}",
               flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "what": "two launch nodes (gloo, 1 process each, tiny model d_model 32, 1 layer, batch 4 x 32 "
-                "tokens), one stopped at step --at; downtime = stop -> first step at world size 1",
+                "tokens, a checkpoint every --every steps), one stopped at step --at; detected = stop -> the "
+                "survivor's trainer reports the lost peer (kill, freeze); downtime = stop -> first step at "
+                "world size 1",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "trials": results,
     }, indent=2) + "\n")

@@ -61,7 +61,10 @@ class TrainConfig(_Section):
     seed: int = Field(1337, ge=0)
     batch_size: int = Field(16, gt=0)  # sequences per optimizer step, summed over ranks
     seq_len: int = Field(128, gt=1)
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)  # micro-batches per step when micro_batch_size is not set
+    # Sequences per rank per forward/backward; set, the accumulation is derived from the world
+    # size (accumulation_steps), so a rank's memory stays the same when nodes leave or join.
+    micro_batch_size: int | None = Field(None, gt=0)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -77,6 +80,16 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, gt=0)  # torch intra-op threads; None: torch's default
     sample_tokens: int = Field(200, ge=0)  # length of the text sample generated at the end
     max_cost_usd: float | None = Field(None, gt=0)  # budget guard: stop gracefully past it
+    # How long a collective waits for a peer (gradients, the per-step stop decision): a node lost
+    # without a TCP reset (frozen, network cut) is detected within this. Joining the process
+    # group at start is bounded by it too, so it must cover the spread of the ranks' start-ups.
+    collective_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # How long the ranks wait for each other where one of them does slow work alone (rank 0
+    # preparing the corpus or committing and uploading a checkpoint, unequal restores): these
+    # waits use a group of their own with this timeout (docs/design.md, "Multi-node training").
+    # A fixed bound, torch's gloo default, not one derived from spot.grace_seconds: corpus
+    # preparation and a final upload grow with the data and the model, not with the stop grace.
+    long_wait_timeout_s: float = Field(1800.0, gt=0, le=86400)
 
 
 class CheckpointConfig(_Section):
@@ -172,10 +185,23 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
-        if self.train.batch_size % self.train.grad_accum:
+        t = self.train
+        if t.micro_batch_size is not None and t.grad_accum != 1:
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"train.grad_accum ({self.train.grad_accum})"
+                f"set train.micro_batch_size ({t.micro_batch_size}) or train.grad_accum ({t.grad_accum}), "
+                "not both: with a micro-batch size the accumulation is derived from the world size"
+            )
+        if t.micro_batch_size is not None:
+            accumulation_steps(t, 1)  # the world size is known at start; one process must fit
+        elif t.batch_size % t.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be a multiple of "
+                f"train.grad_accum ({t.grad_accum})"
+            )
+        if t.long_wait_timeout_s < t.collective_timeout_s:
+            raise ValueError(
+                f"train.long_wait_timeout_s ({t.long_wait_timeout_s:g}) must be at least "
+                f"train.collective_timeout_s ({t.collective_timeout_s:g})"
             )
         return self
 
@@ -187,6 +213,33 @@ class Config(_Section):
         data = self.to_dict() if section is None else self.to_dict()[section]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank at `world_size`.
+
+    With `train.micro_batch_size` set: batch_size / (world_size x micro_batch_size), so the global
+    batch stays `train.batch_size` and each rank's forward pass stays the same size at any world
+    size. Without it: `train.grad_accum`, and each rank's micro-batch is its share / grad_accum.
+    Either way the rank's share of the global batch must split evenly (ConfigError, naming the keys
+    and the world size, when it does not).
+    """
+    batch = train.batch_size
+    if world_size < 1 or batch % world_size:
+        raise ConfigError(f"train.batch_size {batch} does not split evenly over world size {world_size}")
+    share = batch // world_size
+    if train.micro_batch_size is None:
+        if share % train.grad_accum:
+            raise ConfigError(
+                f"train.batch_size {batch} over world size {world_size} gives {share} sequences per rank, "
+                f"which train.grad_accum {train.grad_accum} does not split evenly")
+        return train.grad_accum
+    micro = train.micro_batch_size
+    if share % micro:
+        raise ConfigError(
+            f"train.batch_size {batch} / (world size {world_size} x train.micro_batch_size {micro}) "
+            f"is not a whole number: each rank's {share} sequences do not split into micro-batches of {micro}")
+    return share // micro
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -222,6 +275,8 @@ def _describe(error: ValidationError) -> str:
     got = first.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:  # a rule across keys: its message names them
+        return message
     return f"config key {where}: {message}{shown}"
 
 

@@ -43,6 +43,9 @@ def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float 
     (["--nnodes", "one:two"], 2, "--nnodes 'one:two'"),
     (["--nnodes", "1:2", "--", "--set", "train.no_such_key=1"], 2, "train.no_such_key"),
     (["--nnodes", "1:2", "--connect-timeout", "1"], 1, "does not answer"),
+    (["--nnodes", "1:3", "--", "--set", "train.batch_size=12", "--set", "train.micro_batch_size=4"], 2,
+     "train.batch_size 12 must split evenly over every world size of --nnodes 1:3 x 1 processes into "
+     "train.micro_batch_size 4 per rank; it does not for 2"),
 ])
 def test_launch_bad_input_is_one_line_and_an_exit_code(args: list[str], code: int, culprit: str) -> None:
     port = free_port()  # nothing listens there

@@ -68,3 +68,22 @@ def test_the_global_batch_must_split_over_every_world_size_the_run_can_take(batc
     else:
         with pytest.raises(ConfigError, match=f"train.batch_size {batch} .* {bad}$"):
             check_batch_fits(config, nnodes, nproc)
+
+
+@pytest.mark.parametrize("batch, micro, nnodes, nproc, bad", [
+    (16, 2, NodeRange(1, 2), 4, None),          # world 4: 2 micro-batches of 2; world 8: 1
+    (16, 2, NodeRange(1, 2), 8, "16"),      # world 16: one sequence per rank, not a micro-batch of 2
+    (12, 2, NodeRange(1, 4), 1, "4"),       # world 4: 3 sequences per rank do not make micro-batches of 2
+    (12, 4, NodeRange(1, 3), 1, "2"),       # world 2: 6 per rank; worlds 1 and 3 fit (3 and 1 of 4)
+])
+def test_the_micro_batch_must_fit_every_world_size_the_run_can_take(batch, micro, nnodes, nproc, bad):
+    from mamba_training.config import load_config
+    from mamba_training.errors import ConfigError
+    from mamba_training.fleet.launch import check_batch_fits
+
+    config = load_config(None, [f"train.batch_size={batch}", f"train.micro_batch_size={micro}"])
+    if bad is None:
+        check_batch_fits(config, nnodes, nproc)
+    else:
+        with pytest.raises(ConfigError, match=f"train.micro_batch_size {micro} per rank; it does not for {bad}$"):
+            check_batch_fits(config, nnodes, nproc)

@@ -1,7 +1,8 @@
 """Multi-node training on one machine: a coordinator process, `launch` processes as nodes (gloo,
 one trainer each), one IMDS emulator per node. Every action happens at an exact step through the
 trainer's hold hook (MAMBA_TRAINING_HOLD_AT, one control directory per node): the test waits for
-`reached-N`, then serves a notice, starts a node or kills one, and the stop lands at step N.
+`reached-N`, then serves a notice, starts a node, kills one or freezes one (SIGSTOP: a network
+cut, no TCP reset), and the stop lands at step N.
 
 Asserted: exit codes, that every wait ends (generous timeouts, no hang), that a noticed stop
 loses no step (the next world resumes at the stop step), the exact final step, one writer per
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -92,7 +94,8 @@ class Cluster:
     def control(self, name: str) -> Path:
         return self.tmp / f"control-{name}"
 
-    def start_node(self, name: str, hold_at: list[int], nnodes: str = "1:2") -> subprocess.Popen:
+    def start_node(self, name: str, hold_at: list[int], nnodes: str = "1:2",
+                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
         self.control(name).mkdir(exist_ok=True)
         if name in self.imds:  # the same instance started again
             self.imds[name].stop()
@@ -103,7 +106,7 @@ class Cluster:
         args = [sys.executable, "-m", "mamba_training", "launch", "--coordinator", f"127.0.0.1:{self.port}",
                 "--nnodes", nnodes, "--", *TRAIN, "--set", f"train.seed={self.seed}",
                 "--set", f"checkpoint.store={self.store}", "--set", f"checkpoint.cache_dir={self.tmp / name / 'cache'}",
-                "--set", f"data.cache_dir={self.tmp / 'data'}", "--set", f"spot.imds_url={self.imds[name].url}"]
+                "--set", f"data.cache_dir={self.tmp / 'data'}", "--set", f"spot.imds_url={self.imds[name].url}", *extra]
         self.nodes[name] = subprocess.Popen(args, env=env, stdout=self.log(name).open("w"), stderr=subprocess.STDOUT)
         return self.nodes[name]
 
@@ -126,6 +129,13 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=WAIT)
 
+    def freeze_node(self, name: str) -> None:
+        """The instance stops answering without closing a connection (a network cut): SIGSTOP of
+        its trainers and agent, so no peer gets a TCP reset."""
+        proc = self.nodes[name]
+        for pid in [*children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGSTOP)
+
     def close(self) -> None:
         for proc in self.nodes.values():
             if proc.poll() is None:
@@ -144,6 +154,12 @@ class Cluster:
         for path in sorted((self.store / "records").glob("*/events.jsonl")):
             lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return lines
+
+    def latest_step(self) -> int | None:
+        try:
+            return json.loads((self.store / "latest.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def manifests(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.store.glob("checkpoints/step_*/manifest.json"))]
@@ -261,3 +277,43 @@ def test_notice_to_the_rank_0_node_then_sigterm_to_a_node_then_the_coordinator_r
     commits = [e["checkpoint_step"] for e in events if e["kind"] == "checkpoint"]
     assert {8, 18, 28, MAX_STEPS} <= set(commits) and len(commits) == len(set(commits))
     assert json.loads((cluster.store / "latest.json").read_text())["step"] == MAX_STEPS
+
+
+def test_a_frozen_node_is_detected_by_the_collective_timeout_and_the_survivor_resumes_from_the_last_commit(
+        cluster: Cluster) -> None:
+    """A node that stops answering without closing its connections (SIGSTOP of its agent and
+    trainer: a network cut) fails the survivor's next collective after train.collective_timeout_s
+    (10 s here); the survivor's agent re-forms alone and resumes from the last committed
+    checkpoint (step 4: the frozen node's lost steps 5-8 are trained again) to the exact end."""
+    timeout_s, every, hold, steps = 10, 4, 8, 16
+    extra = ("--set", f"train.collective_timeout_s={timeout_s}", "--set", f"checkpoint.every_steps={every}",
+             "--set", f"train.max_steps={steps}")
+    for name in ("a", "b"):
+        cluster.start_node(name, [hold], extra=extra)
+    for name in ("a", "b"):
+        cluster.reached(name, hold)
+    wait_until(lambda: cluster.latest_step() == every, f"the commit of step {every}")
+    frozen = cluster.rank0(["a", "b"], 2)  # the writer, and the host of the process group's store
+    survivor = "b" if frozen == "a" else "a"
+
+    (cluster.control(survivor) / f"reached-{hold}").unlink()
+    frozen_at = time.monotonic()
+    cluster.freeze_node(frozen)
+    # The survivor's trainer fails its held all-reduce on the timeout; its agent re-forms alone.
+    wait_until(lambda: "as group rank 0 of 1 nodes" in cluster.log(survivor).read_text(),
+               "the survivor re-forming alone", (cluster.nodes[survivor],))
+    print(f"frozen -> survivor re-formed alone: {time.monotonic() - frozen_at:.1f}s (timeout {timeout_s}s)")
+    said = [line for line in cluster.log(survivor).read_text().splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and re.fullmatch(  # one line from the trainer, naming the timeout
+        rf"error: a peer stopped answering or went away \(train\.collective_timeout_s {timeout_s}s\): "
+        rf"Timed out waiting {timeout_s * 1000}ms for (send|recv) operation to complete", said[0]), said
+    cluster.kill_node(frozen)  # the frozen instance never comes back
+
+    cluster.reached(survivor, hold)  # trained steps 5-8 again, alone
+    (cluster.control(survivor) / f"release-{hold}").touch()
+    assert cluster.nodes[survivor].wait(timeout=WAIT) == 0
+    events = cluster.events()
+    assert resumes(events) == [(0, 2), (every, 1)]
+    commits = [e["checkpoint_step"] for e in events if e["kind"] == "checkpoint"]
+    assert {8, 12, steps} <= set(commits) and len(commits) == len(set(commits))  # each step committed once
+    assert cluster.latest_step() == steps and cluster.manifests()[-1]["step"] == steps

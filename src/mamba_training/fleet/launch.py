@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mamba_training.config import Config, load_config
+from mamba_training.config import Config, accumulation_steps, load_config
 from mamba_training.errors import EXIT_USAGE, ConfigError
 from mamba_training.fleet.coordinator import claim_node_shape, wait_reachable
 from mamba_training.fleet.nodes import LEAVING_MARKER, NODE_DIR_ENV, NodeRange, Outcome, node_exit_code
@@ -68,15 +68,26 @@ def check_train_options(train_args: list[str]) -> Config:
 
 
 def check_batch_fits(config: Config, nnodes: NodeRange, nproc_per_node: int) -> None:
-    """The global batch is split evenly over the ranks at every size the run can take."""
-    batch = config.train.batch_size
+    """The global batch splits evenly over the ranks, into whole micro-batches, at every world
+    size the run can take: a bad --nnodes range fails here, not as worker exits 2 later."""
+    train = config.train
     sizes = [n * nproc_per_node for n in range(nnodes.low, nnodes.high + 1)]
-    bad = [w for w in sizes if batch % (w * config.train.grad_accum)]
-    if bad:
-        raise ConfigError(
-            f"train.batch_size {batch} must split evenly over every world size of --nnodes "
-            f"{nnodes.low}:{nnodes.high} x {nproc_per_node} processes (x train.grad_accum "
-            f"{config.train.grad_accum}); it does not for {', '.join(map(str, bad))}")
+    bad = []
+    for world in sizes:
+        try:
+            accumulation_steps(train, world)
+        except ConfigError:
+            bad.append(world)
+    if not bad:
+        return
+    if train.micro_batch_size is not None:
+        split = f"into train.micro_batch_size {train.micro_batch_size} per rank"
+    else:
+        split = f"(x train.grad_accum {train.grad_accum})"
+    raise ConfigError(
+        f"train.batch_size {train.batch_size} must split evenly over every world size of --nnodes "
+        f"{nnodes.low}:{nnodes.high} x {nproc_per_node} processes {split}; it does not for "
+        f"{', '.join(map(str, bad))}")
 
 
 def default_run_id(config: Config) -> str:

@@ -4,18 +4,46 @@ On GPUs gradients go over NCCL; the small control collectives (the per-step stop
 logged loss, the RNG gather, barriers) go over a second, gloo group on CPU tensors, so deciding whether
 to stop never waits for the GPU to drain its queue of kernels (an NCCL all-reduce read back with
 `.item()` would, every step).
+
+Timeouts: every collective of a step (gradients, the stop decision, the logged loss, the RNG
+gather) runs with `train.collective_timeout_s` (60 s by default), so a peer that vanishes without
+a TCP reset (a frozen instance, a cut network) fails the survivors' next collective within that
+bound and their launcher re-forms the run. The few places where ranks wait while one of them
+does slow work alone (rank 0 preparing the corpus, committing and uploading a checkpoint, writing
+the final model; restores of unequal speed) meet in `wait_for_all`, a barrier on a third, gloo
+group with `train.long_wait_timeout_s`, so a big checkpoint never trips the short timeout.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mamba_training.errors import ConfigError
+from mamba_training.errors import ConfigError, MambaTrainingError
+
+
+# How gloo words a peer that stopped answering (its timeout) or went away (a reset): torch raises
+# these as plain RuntimeErrors, from our collectives and from DDP's gradient all-reduce alike.
+_PEER_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+class PeerLost(MambaTrainingError):
+    """A collective failed because another rank stopped answering or went away (exit 1: the
+    launcher re-forms the run, which resumes from the last commit)."""
+
+
+def peer_lost(error: RuntimeError, collective_timeout_s: float) -> PeerLost | None:
+    """The error as a PeerLost naming the timeout, or None when it is not a lost peer."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not any(marker in first for marker in _PEER_FAILURES):
+        return None
+    return PeerLost(f"a peer stopped answering or went away (train.collective_timeout_s {collective_timeout_s:g}s): "
+                    f"{first.split('] ', 1)[-1]}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +53,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     control: Any = None  # the gloo group for control all-reduces when gradients use NCCL
+    waits: Any = None  # the gloo group with the long timeout, for wait_for_all
 
     @property
     def is_main(self) -> bool:
@@ -53,21 +82,30 @@ def backends(device_type: str) -> tuple[str, str | None]:
     return ("nccl", "gloo") if device_type == "cuda" else ("gloo", None)
 
 
-def setup(device_setting: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun; a single process otherwise."""
+def setup(device_setting: str = "auto", collective_timeout_s: float = 60.0,
+          long_wait_timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when launched by torchrun; a single process otherwise.
+
+    Joining is bounded by `collective_timeout_s` too: every rank must arrive within it (the
+    launcher starts them together after its rendezvous). A rank that does not fails the join,
+    and the launcher restarts the round.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_setting, local_rank)
-    control = None
+    control = waits = None
     if world_size > 1 and not dist.is_initialized():
         backend, control_backend = backends(device.type)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        short = timedelta(seconds=collective_timeout_s)
+        dist.init_process_group(backend=backend, timeout=short)
         if control_backend is not None:
-            control = dist.new_group(backend=control_backend)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, control=control)
+            control = dist.new_group(backend=control_backend, timeout=short)
+        waits = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_wait_timeout_s))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, control=control,
+                    waits=waits)
 
 
 def _control_tensor(value: float, info: DistInfo) -> torch.Tensor:
@@ -116,6 +154,8 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     return float(tensor.item()) / info.world_size
 
 
-def barrier(info: DistInfo) -> None:
+def wait_for_all(info: DistInfo) -> None:
+    """Block until every rank is here, for up to `train.long_wait_timeout_s`: where a rank waits
+    while another does slow work alone (a short-timeout barrier there would fail the run)."""
     if info.enabled:
-        dist.barrier(group=info.control)
+        dist.barrier(group=info.waits)

@@ -28,7 +28,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mamba_training.checkpoint import CheckpointManager, CheckpointPolicy
-from mamba_training.config import Config
+from mamba_training.config import Config, accumulation_steps
 from mamba_training.data import BatchSampler, TokenDataset, eval_batches, load_tokenizer, resolve_corpus
 from mamba_training.errors import EXIT_PREEMPTED, Preempted, UsageError
 from mamba_training.logging_setup import add_json_log
@@ -101,7 +101,11 @@ class Trainer:
     # ----------------------------------------------------------------- set-up
     def _setup(self) -> None:
         cfg = self.config
-        self.dist = distributed.setup(cfg.train.device)
+        self.dist = distributed.setup(cfg.train.device, cfg.train.collective_timeout_s, cfg.train.long_wait_timeout_s)
+        # The global batch is train.batch_size at any world size; each rank takes its share in
+        # `accum` micro-batches (derived from the world size when train.micro_batch_size is set).
+        self.accum = accumulation_steps(cfg.train, self.dist.world_size)
+        self.micro_batch = cfg.train.batch_size // self.dist.world_size // self.accum
         # A scan backend or precision this device cannot run is refused now, before any work.
         resolve_scan_name(cfg.model.scan, self.dist.device)
         self.amp = autocast_for(cfg.train.amp, self.dist.device)
@@ -115,11 +119,11 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if not self.dist.is_main:
-            distributed.barrier(self.dist)  # rank 0 prepares the corpus once
+            distributed.wait_for_all(self.dist)  # rank 0 prepares the corpus once
         prepared = resolve_corpus(cfg.data.corpus, cfg.data.tokenizer, cfg.data.val_fraction, cfg.data.cache_dir,
                                   dtype=cfg.data.shard_dtype)
         if self.dist.is_main:
-            distributed.barrier(self.dist)
+            distributed.wait_for_all(self.dist)
         self.train_data = TokenDataset(prepared, "train")
         self.val_data = TokenDataset(prepared, "val")
 
@@ -219,14 +223,15 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
     def _train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches. Whether to take it at all was decided
-        at the boundary, by every rank together: a step once begun is finished."""
+        """One optimizer step over `accum` micro-batches of this rank's share of the global batch.
+        Whether to take it at all was decided at the boundary, by every rank together: a step once
+        begun is finished."""
         cfg = self.config.train
         self.model.train()
         x, y = self.sampler.next_batch()
         x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-        micro = cfg.grad_accum
-        xs, ys = x.chunk(micro), y.chunk(micro)
+        micro = self.accum
+        xs, ys = x.split(self.micro_batch), y.split(self.micro_batch)
         total = torch.zeros((), device=self.dist.device)  # on the device: no host sync per micro-batch
         for i, (mx, my) in enumerate(zip(xs, ys)):
             last = i == micro - 1
@@ -252,15 +257,19 @@ class Trainer:
         losses = []
         for x, y in self._val_batches[: cfg.eval_batches]:
             x, y = x[:per_rank].to(self.dist.device), y[:per_rank].to(self.dist.device)
-            with self.amp:
-                logits = model(x)
-            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+            for mx, my in zip(x.split(self.micro_batch), y.split(self.micro_batch)):  # no bigger than training's
+                with self.amp:
+                    logits = model(mx)
+                losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), my.reshape(-1)).item())
         return float(np.mean(losses))
 
     def _save(self) -> None:
         """Checkpoint the current step; every rank calls it at the same boundary (a collective)."""
         self.state.capture_rng(self.dist)
         self._hand_off()
+        # Rank 0 may have waited for the previous upload, or written this one synchronously:
+        # the others wait here, not in the next step's short-timeout collectives.
+        distributed.wait_for_all(self.dist)
 
     def _hand_off(self, blocking: bool = False, upload_records: bool = True) -> None:
         """Give the captured state to the checkpoint manager (rank 0 writes, others return)."""
@@ -290,6 +299,11 @@ class Trainer:
         self.stopping.install_signals()
         try:
             return self._run()
+        except RuntimeError as error:  # a peer lost mid-collective: one line, not torch's traceback
+            lost = distributed.peer_lost(error, self.config.train.collective_timeout_s) if self.dist.enabled else None
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             self.stopping.restore_signals()
             if getattr(self, "watcher", None) is not None:
@@ -383,6 +397,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg = self.config
         resumed_from = self._restore_or_init()
+        distributed.wait_for_all(self.dist)  # restores take unequal times; DDP's first broadcast is short
         if self.dist.enabled:
             cuda = self.dist.device.type == "cuda"
             self.model = DDP(self.model, device_ids=[self.dist.device.index] if cuda else None)
@@ -395,7 +410,11 @@ class Trainer:
         if self.dist.is_main:
             self._record_event("resume" if resumed_from is not None else "start",
                                world_size=self.dist.world_size, device=str(self.dist.device),
+                               grad_accum=self.accum, micro_batch_size=self.micro_batch,
                                **({"startup_s": round(ready_after, 2)} if ready_after is not None else {}))
+            log.info("world size %d: %d micro-batch%s of %d sequences per rank per step (global batch %d)",
+                     self.dist.world_size, self.accum, "" if self.accum == 1 else "es", self.micro_batch,
+                     cfg.train.batch_size)
         if ready_after is not None:
             log.info("training from step %d, %.1fs after the process started", self.state.step, ready_after)
         startup.resume_gc()
@@ -498,11 +517,11 @@ class Trainer:
             self._record_event("exit", reason=stop.reason, exit_code=EXIT_PREEMPTED, committed_step=committed,
                                notice_to_durable_s=round(notice_to_durable, 3), lost_steps=lost)
             self._upload_records()
-        node = int(os.environ.get("GROUP_RANK", "0"))  # this node, under torchrun or `launch`
-        views = distributed.all_gather_object((node, leaving.node_is_leaving(stop.reason)), self.dist)
         # No rank leaves before rank 0 has made the checkpoint durable: a launcher that sees one
         # worker exit may kill the others, rank 0's upload with them.
-        distributed.barrier(self.dist)
+        distributed.wait_for_all(self.dist)
+        node = int(os.environ.get("GROUP_RANK", "0"))  # this node, under torchrun or `launch`
+        views = distributed.all_gather_object((node, leaving.node_is_leaving(stop.reason)), self.dist)
         if leaving.node_leaves(views, node):  # the other nodes re-form without this one
             leaving.mark_and_wait(stop.reason, wait_s=LEAVE_WAIT_SECONDS)
         result = self._result("preempted", resumed_from, started)
@@ -522,7 +541,7 @@ class Trainer:
                                committed_step=committed)
             self._record_event("exit", reason="budget", exit_code=0, committed_step=committed, lost_steps=0)
             self._upload_records()
-        distributed.barrier(self.dist)
+        distributed.wait_for_all(self.dist)
         result = self._result("budget", resumed_from, started)
         result.reason = f"cost ${cost or 0.0:.4f} exceeded train.max_cost_usd ${self.config.train.max_cost_usd}"
         return result
@@ -549,7 +568,7 @@ class Trainer:
                 if result.loss_plot is not None:
                     self.checkpoints.upload_run_file("loss.png", result.loss_plot)
             self._upload_records()
-        distributed.barrier(self.dist)
+        distributed.wait_for_all(self.dist)
         return result
 
     def _result(self, status: str, resumed_from: int | None, started: float) -> TrainResult:
