@@ -8,6 +8,10 @@ agent's own TerminateInstanceInAutoScalingGroup) is ended. Disruptions act on bo
 notice goes to the instance's IMDS and, when its compressed deadline passes, the instance is
 reclaimed (process group ended, instance terminated in moto without decrementing the desired
 capacity, as a spot reclaim does); a hard kill does both at once, with no notice.
+
+With `hold_steps`, each instance's trainers hold after those steps (the trainer's hook, with the
+instance's own control folder `<dir>/control`), and `holds` / `release` are the rehearsal's side
+of it (holds.py says why).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from typing import Any
 
 from mamba_training.aws.session import client
 from mamba_training.fleet.rehearsal.prices import Usage
+from mamba_training.fleet.rehearsal.holds import Hold
 from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError
 from mamba_training.fleet.rehearsal.schedule import HARD_KILL, NOTICE
+from mamba_training.train.control import CONTROL_DIR, HOLD_AT, reached_path, release_path
 
 READY_TIMEOUT = 60.0  # an instance process imports the emulator and starts serving: seconds when busy
 RECLAIM_GRACE = 5.0  # SIGTERM-to-SIGKILL at a reclaim: the machine's shutdown, compressed too
@@ -69,7 +75,8 @@ class FleetState:
 
 class SimulatedFleet:
     def __init__(self, processes: Processes, directory: Path, asg_name: str, command: list[str],
-                 env: dict[str, str], notice_seconds: float, clock, region: str) -> None:
+                 env: dict[str, str], notice_seconds: float, clock, region: str,
+                 hold_steps: tuple[int, ...] = ()) -> None:
         self.processes = processes
         self.directory = directory
         self.asg_name = asg_name
@@ -78,6 +85,7 @@ class SimulatedFleet:
         self.notice_seconds = notice_seconds
         self.clock = clock  # () -> rehearsal seconds
         self.region = region
+        self.hold_steps = hold_steps
         self.instances: dict[str, Instance] = {}
         self.state = FleetState()
         self.autoscaling = client("autoscaling", region=region)
@@ -127,13 +135,34 @@ class SimulatedFleet:
     def usages(self) -> list[Usage]:
         return [Usage(i.id, i.launched, i.ended) for i in self.instances.values()]
 
+    def noticed(self) -> set[str]:
+        return {i.id for i in self.live() if i.deadline is not None}
+
+    # ------------------------------------------------------------------ holds
+    def holds(self) -> list[Hold]:
+        """Live instances' trainers waiting at a hold step (reached, not released)."""
+        found = []
+        for instance in self.live():
+            for step in self.hold_steps:
+                control = instance.dir / "control"
+                if reached_path(control, step).exists() and not release_path(control, step).exists():
+                    found.append(Hold(instance.id, step))
+        return found
+
+    def release(self, hold: Hold) -> None:
+        release_path(self.instances[hold.instance].dir / "control", hold.step).touch()
+
     # ------------------------------------------------------------------ launching and ending
     def _launch(self, instance_id: str, instance_type: str) -> None:
         directory = self.directory / instance_id
         args = [sys.executable, "-m", "mamba_training.fleet.rehearsal.instance", "--instance-id", instance_id,
                 "--instance-type", instance_type, "--notice-seconds", f"{self.notice_seconds:g}",
                 "--dir", str(directory), "--", *self.command]
-        child = self.processes.start(f"instance-{instance_id}", args, self.env)
+        env = dict(self.env)
+        if self.hold_steps:
+            (directory / "control").mkdir(parents=True, exist_ok=True)
+            env.update({HOLD_AT: ",".join(map(str, self.hold_steps)), CONTROL_DIR: str(directory / "control")})
+        child = self.processes.start(f"instance-{instance_id}", args, env)
         self.instances[instance_id] = Instance(instance_id, instance_type, child, directory, self.clock())
 
     def _read_ready(self, instance: Instance) -> None:

@@ -1,8 +1,12 @@
 """Processes a rehearsal starts: each in a process group of its own, recorded, ended by its PID.
 
 Every child is started with `start_new_session=True`, so its PID is also its process group id
-and everything it starts in turn (an agent's trainer, torchrun's workers) can be ended with one
-`killpg` — and nothing outside the groups we created is ever signalled.
+and most of what it starts in turn (an agent's trainer) can be ended with one `killpg`. Not all:
+torch's elastic agent (`launch`, `torchrun`) starts each worker in a session of its own, so a
+SIGKILL of the group leaves the workers training on. Every child's environment therefore also
+carries a tag, `MAMBA_REHEARSAL_PROC=<procs folder>:<name>`, that its descendants inherit, and a
+kill ends the tagged processes too, like a machine's power-off ends everything on it. Nothing
+outside the groups we created, or processes without our tag, is ever signalled.
 """
 
 from __future__ import annotations
@@ -57,6 +61,25 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+TAG = "MAMBA_REHEARSAL_PROC"
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes (zombies aside) whose environment holds `MAMBA_REHEARSAL_PROC=<tag>`, or,
+    for a tag ending in ":", any tag with that prefix (a whole rehearsal's). Linux only: [] elsewhere."""
+    wanted = f"{TAG}={tag}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+            state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or another user's
+        if state != "Z" and any(e == wanted or (wanted.endswith(b":") and e.startswith(wanted)) for e in entries):
+            found.append(int(environ.parent.name))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -70,6 +93,7 @@ class Child:
     name: str
     proc: subprocess.Popen
     log: Path
+    tag: str = ""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -97,15 +121,28 @@ class Child:
         return self.proc.returncode
 
     def kill(self) -> None:
-        """SIGKILL to the whole group (also reaps the leader): a hard kill, or the end of stop()."""
+        """SIGKILL to the whole group and every process with its tag (also reaps the leader): a
+        hard kill, or the end of stop()."""
         self.signal_group(signal.SIGKILL)
+        self._kill_tagged()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
             pass
         deadline = time.monotonic() + 10
-        while group_alive(self.proc.pid) and time.monotonic() < deadline:  # members die a moment later
+        while self.anything_alive() and time.monotonic() < deadline:  # members die a moment later
+            self._kill_tagged()  # one forked just before the first sweep
             time.sleep(0.01)
+
+    def anything_alive(self) -> bool:
+        return group_alive(self.proc.pid) or bool(self.tag and tagged(self.tag))
+
+    def _kill_tagged(self) -> None:
+        for pid in tagged(self.tag) if self.tag else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def tail(self, chars: int = 2000) -> str:
         try:
@@ -121,13 +158,15 @@ class Processes:
         self.directory = directory
         self.children: list[Child] = []
         directory.mkdir(parents=True, exist_ok=True)
+        self.tag_prefix = f"{directory.resolve()}:"  # every child's tag starts so: `tagged(prefix)` finds them all
 
     def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> Child:
         log = self.directory / f"{name}.log"
+        tag = f"{self.tag_prefix}{name}"
         with open(log, "ab") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=cwd, start_new_session=True)
-        child = Child(name, proc, log)
+                                    env={**env, TAG: tag}, cwd=cwd, start_new_session=True)
+        child = Child(name, proc, log, tag)
         self.children.append(child)
         with open(self.directory / "pids", "a") as pids:  # what to look for if anything is ever left
             pids.write(f"{proc.pid} {name}\n")
@@ -162,4 +201,5 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.1, chil
         time.sleep(interval)
 
 
-__all__ = ["Child", "Processes", "RehearsalError", "free_port", "group_alive", "port_free", "require_port", "wait_until"]
+__all__ = ["Child", "Processes", "RehearsalError", "TAG", "free_port", "group_alive", "port_free", "require_port",
+           "tagged", "wait_until"]

@@ -4,6 +4,8 @@ Lost steps come from the runs' own records, one JSON line per trained step (`tra
 which the rehearsal sets): every segment (process lifetime) of a job lists the steps it trained,
 read from the instances' local folders, so a segment cut by a hard kill counts too, even though it
 never uploaded its records. A step trained by two segments was lost once and trained again.
+Only rank 0 writes records, and every rank trains the same global step, so a multi-node job's
+segments are its rank 0's, on whichever node rank 0 ran in each round.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 PREEMPTED = 75
+# Why a multi-node job has no bitwise comparison: its gradients are all-reduced over its ranks, so
+# a one-process straight run differs in the last bits, and a straight run on as many nodes would
+# double the rehearsal's load on the one machine.
+MULTI_NODE_NOT_COMPARED = ("multi-node job: not trained straight (one process's weights differ in the last bits "
+                           "from all-reduced ranks'; a straight multi-node run would double the load)")
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class JobReport:
     lost_steps: int = 0
     lost_steps_after_notice: int = 0
     identical_to_straight: bool | None = None
+    not_compared: str | None = None  # why identical_to_straight is None (or what made it False without comparing)
     progress: list[tuple[float, int]] = field(default_factory=list)  # (rehearsal seconds, committed step)
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,6 @@ started is ended by its process group before `rehearse` returns.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import secrets
 import sys
@@ -27,10 +26,12 @@ from mamba_training.checkpoint.protocol import read_latest
 from mamba_training.checkpoint.store import open_store
 from mamba_training.config import load_config
 from mamba_training.errors import MambaTrainingError, UsageError
-from mamba_training.fleet.rehearsal import moto, report
+from mamba_training.fleet.launch import check_batch_fits
+from mamba_training.fleet.nodes import NodeRange
+from mamba_training.fleet.rehearsal import holds, moto, report
 from mamba_training.fleet.rehearsal.fleet import SimulatedFleet
 from mamba_training.fleet.rehearsal.prices import Market, costs, walk
-from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError, free_port, group_alive
+from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError, free_port
 from mamba_training.fleet.rehearsal.schedule import Event, choose, notice_seconds, plan
 from mamba_training.fleet.rehearsal.stack import Outputs, Stack, allow_plain_http, find_terraform, resources_up
 
@@ -38,8 +39,11 @@ log = logging.getLogger(__name__)
 
 REPO_CONFIG = Path(__file__).resolve().parents[4] / "configs" / "tiny.yaml"
 # The generated jobs: the tiny model, small enough that a rehearsal takes minutes on two CPU cores.
+# Its global batch is BATCH_PER_NODE per node, so it splits over any --nodes-per-job and each rank
+# of a multi-node job does a single-node job's work.
+BATCH_PER_NODE = 4
 TINY_JOB = [
-    "model.d_model=32", "model.n_layer=2", "train.batch_size=4", "train.seq_len=32", "train.warmup_steps=2",
+    "model.d_model=32", "model.n_layer=2", "train.seq_len=32", "train.warmup_steps=2",
     "train.eval_every=20", "train.eval_batches=2", "train.sample_tokens=0", "train.threads=1",
     "checkpoint.every_steps=10",
 ]
@@ -76,6 +80,7 @@ class JobPlan:
     config: Path
     overrides: list[str]
     max_steps: int
+    every_steps: int = 0  # its checkpoint.every_steps: where its trainers hold
     id: str = ""
     store: str = ""
     straight_store: Path | None = None
@@ -104,20 +109,25 @@ class Interrupted(MambaTrainingError):
 
 # ---------------------------------------------------------------------- checking the input
 def job_plans(options: Options, data_dir: Path) -> list[JobPlan]:
-    """The jobs to submit, each config validated (a ConfigError names the file and key)."""
+    """The jobs to submit, each config validated (a ConfigError names the file and key), for a
+    multi-node rehearsal also its batch against the node count (one process per node here)."""
     common = [f"data.cache_dir={data_dir}", *ALWAYS]
+    nodes = NodeRange(options.nodes_per_job, options.nodes_per_job)
     if options.submit:
         plans = []
         for i, path in enumerate(options.submit):
             overrides = list(common)
             config = load_config(path, overrides)
-            plans.append(JobPlan(f"{Path(path).stem}-{i}", Path(path), overrides, config.train.max_steps))
+            check_batch_fits(config, nodes, 1)
+            plans.append(JobPlan(f"{Path(path).stem}-{i}", Path(path), overrides, config.train.max_steps,
+                                 config.checkpoint.every_steps))
         return plans
     plans = []
     for i in range(options.jobs):
-        overrides = [*TINY_JOB, f"train.max_steps={options.steps}", f"train.seed={options.seed + i}", *common]
-        load_config(REPO_CONFIG, overrides)
-        plans.append(JobPlan(f"tiny-{i}", REPO_CONFIG, overrides, options.steps))
+        overrides = [*TINY_JOB, f"train.batch_size={BATCH_PER_NODE * options.nodes_per_job}",
+                     f"train.max_steps={options.steps}", f"train.seed={options.seed + i}", *common]
+        config = load_config(REPO_CONFIG, overrides)
+        plans.append(JobPlan(f"tiny-{i}", REPO_CONFIG, overrides, options.steps, config.checkpoint.every_steps))
     return plans
 
 
@@ -132,9 +142,6 @@ def check(options: Options) -> list[Event]:
     if options.nodes_per_job < 1 or options.nodes_per_job > options.instances:
         raise UsageError(f"--nodes-per-job {options.nodes_per_job}: must be within 1..--instances "
                          f"({options.instances})")
-    if options.nodes_per_job > 1 and importlib.util.find_spec("mamba_training.fleet.coordinator") is None:
-        raise UsageError(f"--nodes-per-job {options.nodes_per_job}: multi-node jobs need the launcher and "
-                         "coordinator (`mamba-training launch`, `coordinator`), which this build lacks")
     if options.steps < 1:
         raise UsageError(f"--steps {options.steps}: must be >= 1")
     for path in options.submit:
@@ -309,7 +316,8 @@ class Rehearsal:
         command = [sys.executable, "-m", "mamba_training", "agent", "--imds-url", "{imds}", *AGENT_FLAGS,
                    "--workdir", "{dir}/agent"]
         self.fleet = SimulatedFleet(self.processes, self.directory / "fleet", outputs.asg_name, command, self.env,
-                                    notice_seconds(self.options.notice_compression), self.clock, moto.REGION)
+                                    notice_seconds(self.options.notice_compression), self.clock, moto.REGION,
+                                    holds.hold_steps([(j.every_steps, j.max_steps) for j in self.plans]))
 
     def _submit(self, outputs: Outputs) -> None:
         from mamba_training.fleet.operations import Endpoints, submit
@@ -325,10 +333,11 @@ class Rehearsal:
 
     # ------------------------------------------------------------------ the loop
     def _watch(self, outputs: Outputs, apply: Child) -> None:
+        from mamba_training.fleet.jobs import JobsStore
         from mamba_training.fleet.operations import Endpoints, list_jobs
 
         where = Endpoints(outputs.queue_url, outputs.jobs_store)
-        total_steps = sum(j.max_steps for j in self.plans)
+        self.jobs_store = JobsStore(outputs.jobs_store)
         self.phase = "running the jobs"
         last = self.clock()
         while True:
@@ -347,8 +356,12 @@ class Rehearsal:
             for job in self.plans:
                 if steps[job.id] is not None and steps[job.id] != self.progress[job.id][-1][1]:
                     self.progress[job.id].append((round(now, 3), steps[job.id]))
-            progress = sum(min(steps[j.id] or 0, j.max_steps) for j in self.plans) / total_steps
+            held = self.fleet.holds()
+            job_of = self._job_of_instances() if held else {}
+            progress = holds.progress(steps, holds.held_steps(held, job_of), {j.id: j.max_steps for j in self.plans})
             self._fire_due(progress)
+            for hold in holds.releasable(held, job_of, self.fleet.noticed()):
+                self.fleet.release(hold)
             self._job_rows = [{"name": j.name, "state": states[j.id].state if j.id in states else "?",
                                "step": steps[j.id] or 0, "max_steps": j.max_steps,
                                "attempts": states[j.id].attempts if j.id in states else 0,
@@ -366,6 +379,19 @@ class Rehearsal:
                 raise RehearsalError(f"the rehearsal did not finish within --timeout {self.options.timeout:g} s "
                                      f"(files in {self.directory})")
             time.sleep(self.options.tick_seconds)
+
+    def _job_of_instances(self) -> dict[str, str | None]:
+        """Which job each instance runs now, from the node slots' leases (holder `<instance>/<pid>`)."""
+        now, found = time.time(), {}
+        for job in self.plans:
+            for slot in range(self.options.nodes_per_job):
+                try:
+                    lease, _ = self.jobs_store.lease(job.id, slot)
+                except MambaTrainingError:
+                    continue  # S3 hiccuped: that hold waits a tick
+                if lease is not None and not lease.free(now):
+                    found[lease.holder.split("/", 1)[0]] = job.id
+        return found
 
     def _committed(self, job: JobPlan) -> int | None:
         try:
@@ -402,7 +428,7 @@ class Rehearsal:
                 preemptions=state.preemptions, final_step=self._committed(job), max_steps=job.max_steps,
                 store=job.store, trained_steps=sum(len(s.steps) for s in segments), lost_steps=lost,
                 lost_steps_after_notice=lost_noticed, progress=self.progress[job.id])
-            entry.identical_to_straight = self._identical(job, state.state)
+            entry.identical_to_straight, entry.not_compared = self._identical(job, state.state)
             jobs.append(entry)
         fleet = self.fleet.state
         disruptions = [{"at": round(d.at, 3), "kind": d.kind, "instance": d.instance_id, "event": d.index}
@@ -420,17 +446,23 @@ class Rehearsal:
         return report.summary(jobs, disruptions, fleet.capacity_history, fleet.capacity_timeline,
                               costs(self.fleet.usages(), self.market, now), extra)
 
-    def _identical(self, job: JobPlan, state: str) -> bool | None:
-        if job.straight_store is None or state != "done":
-            return None
+    def _identical(self, job: JobPlan, state: str) -> tuple[bool | None, str | None]:
+        """Whether the job's final weights are bitwise the straight run's; None with the reason
+        when they were not compared."""
+        if self.options.nodes_per_job > 1:
+            return None, report.MULTI_NODE_NOT_COMPARED
+        if job.straight_store is None:
+            return None, "no straight run (--no-straight)"
+        if state != "done":
+            return None, f"the job ended {state}"
         straight = job.straight_store / "final" / "model.safetensors"
         if not straight.is_file():
-            return None
+            return None, f"the straight run left no final weights (log {self.processes.directory})"
         try:
             rehearsed = open_store(job.store).get_bytes("final/model.safetensors")
-        except MambaTrainingError:
-            return False
-        return report.same_weights(straight.read_bytes(), rehearsed)
+        except MambaTrainingError as error:
+            return False, f"the job's final weights could not be read: {error}"
+        return report.same_weights(straight.read_bytes(), rehearsed), None
 
     def _teardown(self) -> None:
         if hasattr(self, "_stopping"):
@@ -438,8 +470,8 @@ class Rehearsal:
         if self.fleet is not None:
             self.fleet.stop()
         self.processes.stop_all()
-        left = [c.name for c in self.processes.children if group_alive(c.pid)]
-        if left:  # pragma: no cover - stop_all SIGKILLs every group it created
+        left = [c.name for c in self.processes.children if c.anything_alive()]
+        if left:  # pragma: no cover - stop_all SIGKILLs every group and tag it created
             log.error("still running after the teardown: %s", ", ".join(left))
 
 
