@@ -4,7 +4,8 @@ Order of events: every input is checked before anything starts (bad input starts
 folder and a fresh moto server; the Terraform stack applied to it while the jobs are trained
 straight (without interruptions, locally) for the bitwise comparison; the reconciler (and, for
 multi-node jobs, the coordinator) as processes; the jobs submitted; then ticks: the fleet follows
-the group, due disruptions hit busy instances, progress and dollars are noted, until every job
+the group, due disruptions hit busy instances (whose trainers wait at a hold after each checkpoint
+step until the tick has counted it: holds.py), progress and dollars are noted, until every job
 has ended and the fleet is back to zero. Whatever happens (an error, Ctrl-C), every process it
 started is ended by its process group before `rehearse` returns.
 """
@@ -358,10 +359,12 @@ class Rehearsal:
                     self.progress[job.id].append((round(now, 3), steps[job.id]))
             held = self.fleet.holds()
             job_of = self._job_of_instances() if held else {}
-            progress = holds.progress(steps, holds.held_steps(held, job_of), {j.id: j.max_steps for j in self.plans})
-            self._fire_due(progress)
-            for hold in holds.releasable(held, job_of, self.fleet.noticed()):
-                self.fleet.release(hold)
+            if job_of is not None:  # else a lease read failed: the holds wait for the next tick
+                progress = holds.progress(steps, holds.held_steps(held, job_of),
+                                          {j.id: j.max_steps for j in self.plans})
+                self._fire_due(progress)
+                for hold in holds.releasable(held, job_of, self.fleet.noticed()):
+                    self.fleet.release(hold)
             self._job_rows = [{"name": j.name, "state": states[j.id].state if j.id in states else "?",
                                "step": steps[j.id] or 0, "max_steps": j.max_steps,
                                "attempts": states[j.id].attempts if j.id in states else 0,
@@ -380,15 +383,17 @@ class Rehearsal:
                                      f"(files in {self.directory})")
             time.sleep(self.options.tick_seconds)
 
-    def _job_of_instances(self) -> dict[str, str | None]:
-        """Which job each instance runs now, from the node slots' leases (holder `<instance>/<pid>`)."""
+    def _job_of_instances(self) -> dict[str, str | None] | None:
+        """Which job each instance runs now, from the node slots' leases (holder `<instance>/<pid>`);
+        None when a lease could not be read."""
         now, found = time.time(), {}
         for job in self.plans:
             for slot in range(self.options.nodes_per_job):
                 try:
                     lease, _ = self.jobs_store.lease(job.id, slot)
-                except MambaTrainingError:
-                    continue  # S3 hiccuped: that hold waits a tick
+                except MambaTrainingError as error:
+                    log.warning("rehearsal: reading job %s's lease failed (%s); holds wait a tick", job.id, error)
+                    return None
                 if lease is not None and not lease.free(now):
                     found[lease.holder.split("/", 1)[0]] = job.id
         return found
