@@ -52,6 +52,8 @@ TINY_JOB = [
 # watches its IMDS often (the notice window is compressed), and sends nothing to CloudWatch.
 ALWAYS = ["train.log_every=1", "spot.poll_seconds=0.2", "logging.cloudwatch=off", "logging.tensorboard=false",
           "logging.plot=false"]
+# How long a trainer may wait at a hold for its checkpoint before it is released anyway (holds.py).
+HOLD_PATIENCE = 120.0
 AGENT_FLAGS = ["--exit-when-idle", "--idle-seconds", "3", "--lease-seconds", "9", "--wait-seconds", "1"]
 
 
@@ -199,6 +201,7 @@ class Rehearsal:
         self.progress: dict[str, list[tuple[float, int]]] = {}
         self.busy_seconds = 0.0
         self.next_event = 0
+        self._held_since: dict[holds.Hold, float] = {}
         self.terraform_seconds: float | None = None
 
     def clock(self) -> float:
@@ -357,14 +360,8 @@ class Rehearsal:
             for job in self.plans:
                 if steps[job.id] is not None and steps[job.id] != self.progress[job.id][-1][1]:
                     self.progress[job.id].append((round(now, 3), steps[job.id]))
-            held = self.fleet.holds()
-            job_of = self._job_of_instances() if held else {}
-            if job_of is not None:  # else a lease read failed: the holds wait for the next tick
-                progress = holds.progress(steps, holds.held_steps(held, job_of),
-                                          {j.id: j.max_steps for j in self.plans})
-                self._fire_due(progress)
-                for hold in holds.releasable(held, job_of, self.fleet.noticed()):
-                    self.fleet.release(hold)
+            self._fire_due(holds.progress(steps, {j.id: j.max_steps for j in self.plans}))
+            self._release_holds(steps)
             self._job_rows = [{"name": j.name, "state": states[j.id].state if j.id in states else "?",
                                "step": steps[j.id] or 0, "max_steps": j.max_steps,
                                "attempts": states[j.id].attempts if j.id in states else 0,
@@ -382,6 +379,28 @@ class Rehearsal:
                 raise RehearsalError(f"the rehearsal did not finish within --timeout {self.options.timeout:g} s "
                                      f"(files in {self.directory})")
             time.sleep(self.options.tick_seconds)
+
+    def _release_holds(self, committed: dict[str, int | None]) -> None:
+        held = self.fleet.holds()
+        if not held:
+            return
+        now = self.clock()
+        for hold in held:
+            self._held_since.setdefault(hold, now)
+        job_of = self._job_of_instances()
+        if job_of is None:  # a lease read failed: the holds wait for the next tick
+            return
+        due = set(holds.releasable(held, job_of, self.fleet.noticed(), committed))
+        for hold in held:
+            # A liveness guard, not a schedule: a hold whose checkpoint never shows up (a failed
+            # save) must not stall the rehearsal until --timeout.
+            if hold not in due and now - self._held_since[hold] > HOLD_PATIENCE and hold.instance \
+                    not in self.fleet.noticed():
+                log.warning("rehearsal: %s held at step %d for %.0f s without its checkpoint; released",
+                            hold.instance, hold.step, now - self._held_since[hold])
+                due.add(hold)
+        for hold in due:
+            self.fleet.release(hold)
 
     def _job_of_instances(self) -> dict[str, str | None] | None:
         """Which job each instance runs now, from the node slots' leases (holder `<instance>/<pid>`);
