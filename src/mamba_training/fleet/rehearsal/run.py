@@ -34,7 +34,7 @@ from mamba_training.fleet.rehearsal.fleet import SimulatedFleet
 from mamba_training.fleet.rehearsal.prices import Market, costs, walk
 from mamba_training.fleet.rehearsal.procs import Child, Processes, RehearsalError, free_port
 from mamba_training.fleet.rehearsal.schedule import Event, choose, notice_seconds, plan
-from mamba_training.fleet.rehearsal.stack import Outputs, Stack, allow_plain_http, find_terraform, resources_up
+from mamba_training.fleet.rehearsal.stack import Outputs, Stack, find_terraform, resources_up
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,6 @@ class Rehearsal:
             found = resources_up(moto.REGION)
             if found is None:
                 time.sleep(0.5)
-        self.relaxed = allow_plain_http(found.bucket, moto.REGION)
         return stack, apply, found
 
     def _finish_apply(self, stack: Stack, apply: Child, used: Outputs) -> None:
@@ -465,7 +464,6 @@ class Rehearsal:
                  "instances_launched": len(self.fleet.instances),
                  "instance_seconds": round(sum((u.end or now) - u.start for u in self.fleet.usages()), 1),
                  "wall_seconds": round(now, 1), "terraform_apply_seconds": self.terraform_seconds,
-                 "bucket_policy_relaxed": getattr(self, "relaxed", []),
                  "cost_series": [list(c) for c in self.cost_series]}
         return report.summary(jobs, disruptions, fleet.capacity_history, fleet.capacity_timeline,
                               costs(self.fleet.usages(), self.market, now), extra)

@@ -32,7 +32,8 @@ MIRROR_ROOTS = (
 SERVICES = ("autoscaling", "cloudwatch", "ec2", "iam", "kms", "logs", "s3", "sqs", "ssm", "sts")
 COPY_IGNORE = shutil.ignore_patterns(".terraform", "terraform.tfstate*", "*.tfplan", "terraform.tfvars",
                                      "*_override.tf", "__pycache__", ".terraform.lock.hcl", "tests", "checkov")
-# moto never answers some provider waiters at once (SQS attributes ~25 s, S3 lifecycle ~55 s).
+# The apply takes about a minute on an idle machine (docs/rehearse.md, "How long it takes"); a
+# busy one stretches the provider's start-up, never its fixed waits.
 APPLY_TIMEOUT = 600.0
 
 
@@ -114,10 +115,15 @@ def override(url: str) -> str:
 
 
 def tf_vars(ami: str, max_instances: int, instance_type: str, region: str) -> list[str]:
+    """The stack's variables for a rehearsal.
+
+    deny_insecure_transport=false (as `deploy.sh --endpoint` sets it): moto serves plain HTTP on
+    loopback and evaluates bucket policies, so the TLS-only statement would deny every request.
+    """
     values = {"region": region, "environment": ENVIRONMENT, "project": PROJECT, "ami_id": ami,
               "instance_types": json.dumps([instance_type]), "min_instances": "0",
               "max_instances": str(max_instances), "desired_instances": "0", "force_destroy_bucket": "true",
-              "run_name": ENVIRONMENT}
+              "run_name": ENVIRONMENT, "deny_insecure_transport": "false"}
     return [f"-var={key}={value}" for key, value in values.items()]
 
 
@@ -192,9 +198,9 @@ def first_error(child: Child) -> str:
 def resources_up(region: str) -> Outputs | None:
     """The stack's group, queue and bucket once they exist in moto (names as locals.tf makes them), else None.
 
-    The AWS provider then still waits about a minute on moto (SQS attributes, S3 lifecycle rules)
-    before the apply returns; the fleet can start as soon as these three exist, and `finish`
-    checks the outputs against them at the end.
+    The apply goes on for about half a minute after these exist (the bucket's lifecycle rules and
+    the queue's redrive policy, whose provider waits are fixed); the fleet starts now, and `finish`
+    checks the outputs against these at the end.
     """
     from mamba_training.aws.session import client
 
@@ -212,37 +218,8 @@ def resources_up(region: str) -> Outputs | None:
     buckets = [b["Name"] for b in s3.list_buckets()["Buckets"] if b["Name"].startswith(f"{name}-ckpt-")]
     if len(buckets) != 1:
         return None
-    try:
-        s3.get_bucket_policy(Bucket=buckets[0])
-    except Exception:  # the policy comes a moment after the bucket: relax it only once it is there
-        return None
     return Outputs(bucket=buckets[0], asg_name=groups[0]["AutoScalingGroupName"], queue_url=queue_url,
                    region=region, raw={})
 
 
-def allow_plain_http(bucket: str, region: str) -> list[str]:
-    """Drop the bucket policy's TLS-only statements; returns their Sids.
-
-    The stack denies every S3 request without TLS (aws:SecureTransport false), and moto evaluates
-    bucket policies, but the rehearsal's moto serves plain HTTP on loopback: nothing could read or
-    write the bucket. Every other statement of the applied policy stays.
-    """
-    from mamba_training.aws.session import client
-
-    s3 = client("s3", region=region)
-    try:
-        policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
-    except Exception:  # no policy: nothing to relax
-        return []
-    statements = policy.get("Statement", [])
-    insecure = [s for s in statements
-                if s.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") in ("false", False)]
-    kept = [s for s in statements if s not in insecure]
-    if kept:
-        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({**policy, "Statement": kept}))
-    else:
-        s3.delete_bucket_policy(Bucket=bucket)
-    return [s.get("Sid", "?") for s in insecure]
-
-
-__all__ = ["allow_plain_http", "resources_up", "Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
+__all__ = ["resources_up", "Stack", "Outputs", "find_terraform", "default_stack_dir", "ENVIRONMENT", "PROJECT"]
