@@ -163,6 +163,7 @@ class Stack:
     def start_apply(self, ami: str, max_instances: int, instance_type: str, region: str) -> Child:
         """`terraform init`, then `terraform apply` started and left running (see `resources_up`)."""
         self.started = time.monotonic()
+        self.started_at = time.time()
         self._tf("init", "init", "-input=false")
         return self.processes.start("terraform-apply", [self.terraform, "apply", "-auto-approve", "-input=false",
                                                         "-no-color", *tf_vars(ami, max_instances, instance_type,
@@ -178,7 +179,9 @@ class Stack:
         if apply.proc.returncode != 0:
             raise RehearsalError(f"terraform apply exited {apply.proc.returncode}: {first_error(apply)} "
                                  f"(log {apply.log})")
-        self.seconds = time.monotonic() - self.started
+        # The apply usually returned long before the rehearsal asks (after its jobs): its log's last
+        # write is when it ended.
+        self.seconds = min(time.monotonic() - self.started, apply.log.stat().st_mtime - self.started_at)
         child = self.processes.start("terraform-output", [self.terraform, "output", "-json"], self.env, cwd=self.dir)
         child.proc.wait(60)
         text = child.log.read_text()
