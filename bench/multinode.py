@@ -268,7 +268,8 @@ def main() -> None:
                 "tokens, a checkpoint every --every steps), one stopped at step --at; detected = stop -> the "
                 "survivor's trainer reports the lost peer (kill, freeze); downtime = stop -> first step at "
                 "world size 1",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "trials": results,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
