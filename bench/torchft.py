@@ -190,20 +190,17 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------ the bench side
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bench_multinode():
+    """bench/multinode.py as a module (this folder is off sys.path: see the top): our engine's
+    trial and the bench side's small helpers, shared rather than written twice."""
+    spec = importlib.util.spec_from_file_location("bench_multinode", _HERE / "multinode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(what)
+MULTINODE = _bench_multinode()
+free_port, wait_for = MULTINODE.free_port, MULTINODE.wait_for
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -358,11 +355,9 @@ def plain_trial(steps: int) -> dict:
     return {"engine": "none", "trial": "plain", **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def elastic_trial(stop: str, at: int, max_steps: int, keep: Path | None) -> dict:
-    spec = importlib.util.spec_from_file_location("bench_multinode", _HERE / "multinode.py")
-    multinode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(multinode)
-    return {"engine": "elastic", "trial": stop, **multinode.trial(stop, "other", at, max_steps, keep)}
+def elastic_trial(stop: str, at: int, max_steps: int, every: int, keep: Path | None) -> dict:
+    result = MULTINODE.trial(stop, "other", at, max_steps, every=every, collective_timeout=60.0, keep=keep)
+    return {"engine": "elastic", "trial": stop, **result}
 
 
 def render(rows: list[dict], plain_ms: float) -> None:
@@ -406,6 +401,8 @@ def main() -> None:
                         help="also run our engine's notice and kill trials (bench/multinode.py)")
     parser.add_argument("--at", type=int, default=100)
     parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=0,
+                        help="checkpoint.every_steps of our engine's run (0, as recorded: no periodic save)")
     parser.add_argument("--plain-steps", type=int, default=200)
     parser.add_argument("--kill-repeats", type=int, default=3, help="kill trials per variant (seeded moments)")
     parser.add_argument("--seed", type=int, default=SEED, help="seeds the kill moments")
@@ -433,7 +430,7 @@ def main() -> None:
             rows.append(torchft_trial(kind, args.at, args.max_steps, rng, args.keep))
             print(f"torchft  {json.dumps(rows[-1])}", flush=True)
     for stop in (["notice", "kill"] if args.elastic else []):
-        rows.append(elastic_trial(stop, args.at, args.max_steps, args.keep))
+        rows.append(elastic_trial(stop, args.at, args.max_steps, args.every, args.keep))
         print(f"elastic  {json.dumps(rows[-1])}", flush=True)
     plains.append(plain_trial(args.plain_steps))
     plain_ms = round(statistics.median(p["step_ms_median"] for p in plains), 1)
