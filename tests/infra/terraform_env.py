@@ -33,7 +33,6 @@ INSTALL_HINTS = {
     "systemd-analyze": "install systemd (`apt-get install -y systemd`)",
 }
 # Every service the stack talks to; the moto server answers them all on one URL.
-MOTO_SERVICES = ("autoscaling", "cloudwatch", "ec2", "iam", "kms", "logs", "s3", "sqs", "ssm", "sts")
 COPY_IGNORE = shutil.ignore_patterns(".terraform", "terraform.tfstate*", "*.tfplan", "terraform.tfvars",
                                      "*_override.tf", "__pycache__", ".terraform.lock.hcl")
 TF_TIMEOUT = 300  # moto never answers some provider waiters; fail in minutes, not the provider's 20
@@ -90,19 +89,11 @@ def copy_stack(destination: Path) -> Path:
 
 
 def write_moto_override(stack: Path, url: str) -> None:
-    """Point the provider at the moto server from a git-ignored override file in the temp copy."""
-    endpoints = "\n".join(f'    {service} = "{url}"' for service in MOTO_SERVICES)
-    (stack / "moto_override.tf").write_text(
-        'provider "aws" {\n'
-        '  access_key                  = "testing"\n'
-        '  secret_key                  = "testing"\n'
-        "  skip_credentials_validation = true\n"
-        "  skip_requesting_account_id  = true\n"
-        "  skip_metadata_api_check     = true\n"
-        "  s3_use_path_style           = true\n\n"
-        f"  endpoints {{\n{endpoints}\n  }}\n"
-        "}\n"
-    )
+    """Point the provider at the moto server from a git-ignored override file in the temp copy
+    (the rehearsal's own override: one definition of what the stack needs to talk to moto)."""
+    from mamba_training.fleet.rehearsal.stack import override
+
+    (stack / "moto_override.tf").write_text(override(url))
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = TF_TIMEOUT,

@@ -23,37 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from mamba_training.fleet.rehearsal.procs import group_alive, port_free
+from mamba_training.fleet.rehearsal.procs import port_free
 from mamba_training.fleet.rehearsal.schedule import plan
+from tests.integration.rehearsing import assert_nothing_left, rehearse
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rehearse")]
 SEED = 1  # the hard kill first (24 % of the steps: both jobs mid-training), the notice at 75 %
-
-
-def rehearse(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run the command; past `timeout` it gets Ctrl-C (its own teardown ends what it started), then fails."""
-    command = [sys.executable, "-m", "mamba_training", "rehearse", *args]
-    proc = subprocess.Popen(command, cwd=cwd, env=env or os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-        pytest.fail(f"rehearse did not finish within {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
-def started_pids(directory: Path) -> list[int]:
-    pids = directory / "procs" / "pids"
-    return [int(line.split()[0]) for line in pids.read_text().splitlines()] if pids.exists() else []
-
-
-def assert_nothing_left(directory: Path) -> None:
-    pids = started_pids(directory)
-    assert pids, "the rehearsal recorded no processes"
-    assert [pid for pid in pids if group_alive(pid)] == []
 
 
 @pytest.mark.timeout(1500)  # minutes on a busy machine; about a minute and a half on an idle one (docs/rehearse.md)

@@ -12,42 +12,15 @@ elastic workers, which run in sessions of their own, included.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from mamba_training.fleet.rehearsal.procs import group_alive, tagged
+from tests.integration.rehearsing import assert_nothing_left, rehearse
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rehearse")]
 SEED = 1  # its one notice is due at 28 % of the steps: the hold at step 11 of 20, after commit 10
 STEPS = 20
-
-
-def rehearse(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run the command; past `timeout` it gets Ctrl-C (its own teardown ends what it started), then fails."""
-    command = [sys.executable, "-m", "mamba_training", "rehearse", *args]
-    proc = subprocess.Popen(command, cwd=cwd, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-        pytest.fail(f"rehearse did not finish within {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
-def assert_nothing_left(directory: Path) -> None:
-    """No process group it recorded, and no process carrying its tag (torch's elastic workers run
-    in sessions of their own, out of reach of the groups), is still running."""
-    pids = [int(line.split()[0]) for line in (directory / "procs" / "pids").read_text().splitlines()]
-    assert pids, "the rehearsal recorded no processes"
-    assert [pid for pid in pids if group_alive(pid)] == []
-    assert tagged(f"{(directory / 'procs').resolve()}:") == []
 
 
 @pytest.mark.timeout(1500)  # the Terraform apply against moto alone takes minutes on a busy machine
