@@ -176,6 +176,7 @@ def test_a_used_folder_is_refused_every_rehearsal_starts_fresh(tmp_path: Path) -
 def test_a_port_in_use_is_refused(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
+        taken.listen()
         port = taken.getsockname()[1]
         result = rehearse("--moto-port", str(port), cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in result.stderr

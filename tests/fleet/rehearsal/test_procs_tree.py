@@ -5,11 +5,12 @@ kill follows, where `killpg` alone would leave such a worker training on."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
-from mamba_training.fleet.rehearsal.procs import Processes, group_alive, tagged
+from mamba_training.fleet.rehearsal.procs import Processes, group_alive, port_free, tagged
 
 # A parent that starts a grandchild in a new session (as torch's SubprocessHandler does), writes
 # the grandchild's pid, and waits.
@@ -64,3 +65,19 @@ def test_stop_all_ends_every_tagged_process_and_nothing_else(processes: Processe
     finally:
         other.stop_all(timeout=2)
     assert not _alive(bystander)
+
+
+def test_a_port_is_free_once_its_listener_is_gone_even_with_connections_in_time_wait() -> None:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HTTP servers (moto's) do
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not port_free(port)  # listening: in use
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+    client.recv(1)  # the close has arrived
+    client.close()
+    server.close()
+    assert port_free(port)

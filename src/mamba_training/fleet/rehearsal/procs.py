@@ -27,7 +27,10 @@ class RehearsalError(MambaTrainingError):
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR as servers (moto's too) set it:
+    the closed connections a stopped server leaves in TIME_WAIT do not hold its port."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
